@@ -1,0 +1,1 @@
+"""nanoft: a from-scratch GPT pretraining and fine-tuning framework, written to be read."""

@@ -1,0 +1,189 @@
+"""The one typed configuration of a run, loaded from a Python file plus `--key=value` overrides.
+
+A config file is ordinary Python that defines `config = Config(...)`; it is run with `runpy` and its
+`config` is returned (never exec'd into our globals). Overrides on the command line are parsed with
+`ast.literal_eval` and checked against the field's type, so a typo or a wrong type fails at once with
+a one-line error instead of silently training the wrong model.
+
+    cfg = load_config("configs/tiny.py", ["--lr=3e-4", "--optimizer=adamw8bit"])
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import io
+import runpy
+import tokenize
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what was expected."""
+
+
+# keys whose value must be one of a fixed set; checked on every Config construction
+CHOICES = {
+    "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),
+    "finetune": ("none", "full", "lora", "qlora"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- I/O ---
+    out_dir: str = "out"  # where checkpoints and metrics.jsonl are written
+    init_from: str = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir), a nanoft checkpoint dir, or a GPT-2 model.safetensors path
+    max_iters: int = 1000  # optimizer steps to train for
+    log_interval: int = 10  # write metrics every this many steps
+    eval_interval: int = 200  # estimate validation loss every this many steps (and at the end)
+    eval_iters: int = 20  # batches averaged for each validation loss estimate
+    save_interval: int = 500  # checkpoint every this many steps (and at the end, and on Ctrl-C)
+    wandb_log: bool = False  # also log to Weights & Biases
+    wandb_project: str = "nanoft"  # wandb project name
+    wandb_run_name: str = ""  # wandb run name; empty lets wandb pick
+    # --- data ---
+    dataset: str = "shakespeare"  # folder under data/ holding train.bin and val.bin (the default is prepared on first use)
+    batch_size: int = 8  # sequences per micro-batch
+    block_size: int = 256  # tokens per sequence (context length)
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    # --- model ---
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # residual stream width
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1 is typical for fine-tuning)
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
+    # --- optimizer and schedule ---
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit | adafactor
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # decoupled weight decay, applied to 2-D weights only
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    min_8bit_size: int = 4096  # 8-bit optimizers keep 32-bit states for tensors smaller than this
+    page_size: int = 1 << 20  # elements per chunk paged between host and device by paged optimizers
+    adafactor_relative_step: bool = False  # Adafactor computes its own step size (lr is then ignored)
+    adafactor_scale_parameter: bool = True  # Adafactor scales the step by the parameter's RMS
+    adafactor_warmup_init: bool = False  # Adafactor's relative step warms up from 1e-6 (needs relative_step)
+    # --- fine-tuning ---
+    finetune: str = "none"  # none (pretraining) | full | lora | qlora
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B @ A
+    lora_dropout: float = 0.05  # dropout on the LoRA path's input
+    lora_targets: tuple = ("q_proj", "v_proj")  # linear layers that get adapters (see LORA_TARGETS)
+    nf4_blocksize: int = 64  # QLoRA: elements per NF4 quantization block
+    double_quant: bool = True  # QLoRA: quantize the per-block absmax values to 8 bits too
+    sft_data: str = ""  # fine-tuning data: JSONL of {"prompt","response"}; empty uses the embedded speaker task
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # --- system ---
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    dtype: str = "auto"  # autocast dtype: auto is bfloat16 on CUDA when supported, float32 elsewhere
+    compile: bool = False  # torch.compile the model (CUDA only; slow to start)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer states (FSDP2)
+    seed: int = 1337  # seeds the model init and the batch order
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(Config)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, hints[f.name], getattr(self, f.name))
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"config key 'lora_targets' has unknown {bad}; valid targets: {', '.join(LORA_TARGETS)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config key 'n_embd' ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for key in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "log_interval",
+                    "eval_interval", "save_interval", "n_layer", "n_head", "n_embd", "lora_r"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1; got {getattr(self, key)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, expected: type, value: object) -> None:
+    if expected is float and type(value) is int:
+        return  # 3 is a fine float
+    if expected is tuple:
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            return
+    elif type(value) is expected:
+        return
+    name = "tuple of str" if expected is tuple else expected.__name__
+    raise ConfigError(f"config key '{key}' expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, field_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; see --help for the valid keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """['--lr=3e-4', '--compile=True'] -> {'lr': 0.0003, 'compile': True}; strings may be bare."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key not in field_names():
+            raise unknown_key_error(key)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word such as --optimizer=adamw8bit is a string
+        if isinstance(value, list):
+            value = tuple(value)
+        overrides[key] = value
+    return overrides
+
+
+def load_config(path: str, argv: list[str]) -> Config:
+    """Run the config file, take its `config`, and apply the `--key=value` overrides in argv."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        namespace = runpy.run_path(path)
+    except TypeError as e:  # Config(unknown=...) inside the file
+        bad = str(e).split("'")[1] if "'" in str(e) else ""
+        raise (unknown_key_error(bad) if bad else ConfigError(f"{path}: {e}")) from None
+    config = namespace.get("config")
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path} must define `config = Config(...)`")
+    return dataclasses.replace(config, **parse_overrides(argv))
+
+
+def describe() -> str:
+    """The --help text: every key with its type, default and the comment written beside it."""
+    comments = {}
+    source = inspect.getsource(Config)
+    last_name = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and last_name is None:
+            last_name = tok.string
+        elif tok.type == tokenize.COMMENT and last_name:
+            comments[last_name] = tok.string.lstrip("# ")
+        if tok.type == tokenize.NEWLINE:
+            last_name = None
+    hints = typing.get_type_hints(Config)
+    lines = ["config keys (set in a config file, or override with --key=value):"]
+    for f in dataclasses.fields(Config):
+        kind = "tuple" if hints[f.name] is tuple else hints[f.name].__name__
+        lines.append(f"  --{f.name}={f.default!r}  ({kind})  {comments.get(f.name, '')}")
+    return "\n".join(lines)

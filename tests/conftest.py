@@ -1,0 +1,10 @@
+"""Test set-up. Triton kernels run on CPU only through its interpreter, which must be switched on
+before anything imports triton (torch itself does not): so it is set here, first, when CUDA is absent."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
