@@ -1,0 +1,189 @@
+"""A minimal GPT, shaped like GPT-2 so that GPT-2's weights load into it.
+
+Token + learned position embeddings -> n_layer pre-LayerNorm blocks (causal self-attention, GELU MLP)
+-> final LayerNorm -> a head whose weight is the token embedding (weight tying).
+
+The attention projections are separate `q_proj`, `k_proj`, `v_proj`, `out_proj` (GPT-2 fuses q, k, v
+into one `c_attn`; we split it at load time) so that LoRA can target each one by name.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from nanoft.config import Config
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # flash / memory-efficient attention where the device has it; is_causal masks the future
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.fc_out = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2 used the tanh approximation of GELU; match it so its weights behave as trained
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))  # pre-LN: normalise the branch input, keep the residual clean
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that add into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "fc_out.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (the tied head shares wte); non_embedding drops the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, the mean cross-entropy over the
+        positions where loss_mask is 1 (all positions when it is None; -1 targets are ignored too)."""
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; recompute its activations during backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if loss_mask is not None:
+            targets = targets.masked_fill(loss_mask == 0, -1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        """Sample max_new_tokens after idx (B, T), yielding each new (B, 1) token as it is produced."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.block_size:]  # crop to the context window
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature <= 0:  # greedy
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+            yield next_id
+
+
+# --- GPT-2 weights -------------------------------------------------------------------------------
+
+def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
+    """Read a Hugging Face GPT-2 `model.safetensors` and return it in our module names.
+
+    GPT-2 stores its linear layers as Conv1D, with weights shaped (in, out): transpose them to
+    nn.Linear's (out, in), and split the fused c_attn (C, 3C) into q, k and v.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        hf = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read GPT-2 weights from {path}: {e}") from None
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    C = cfg.n_embd
+    if "wte.weight" not in hf or hf["wte.weight"].shape[1] != C:
+        raise ValueError(f"{path} is not a GPT-2 checkpoint with n_embd={C}")
+    n_layer = 1 + max(int(k.split(".")[1]) for k in hf if k.startswith("h."))
+    if n_layer != cfg.n_layer:
+        raise ValueError(f"{path} has {n_layer} layers but the config says n_layer={cfg.n_layer}")
+    sd = {
+        "wte.weight": hf["wte.weight"],
+        "wpe.weight": hf["wpe.weight"][: cfg.block_size],  # a shorter context may use a prefix
+        "ln_f.weight": hf["ln_f.weight"], "ln_f.bias": hf["ln_f.bias"],
+    }
+    for i in range(n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = hf[h + ln + ".weight"], hf[h + ln + ".bias"]
+        q, k, v = hf[h + "attn.c_attn.weight"].t().split(C, dim=0)  # (3C, C) -> three (C, C)
+        qb, kb, vb = hf[h + "attn.c_attn.bias"].split(C)
+        for name, w, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
+            sd[b + f"attn.{name}.weight"], sd[b + f"attn.{name}.bias"] = w, bias
+        for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
+            sd[b + ours + ".weight"] = hf[h + theirs + ".weight"].t()
+            sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
+    if sd["wte.weight"].shape[0] != cfg.vocab_size:  # padding would give unused tokens logit 0: too likely
+        raise ValueError(f"{path} has vocab {sd['wte.weight'].shape[0]}; set vocab_size={sd['wte.weight'].shape[0]} in the config")
+    return {k: v.contiguous() for k, v in sd.items()}
