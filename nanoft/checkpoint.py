@@ -28,8 +28,10 @@ from torch import Tensor
 
 FORMAT = "nanoft-checkpoint-1"
 META_NAME = "ckpt.json"
-# keys that fix the shape of the weights: a checkpoint can't be loaded into a model that differs in these
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "block_size", "finetune", "lora_r", "lora_targets")
+# keys that fix the architecture: base weights can't be loaded into a model that differs in these
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+# ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
+SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "nf4_blocksize", "double_quant")
 
 
 class CheckpointError(RuntimeError):
@@ -171,9 +173,9 @@ def load(out_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
                       data=meta["data"], optim=optim, rng=groups["rng"], extra=meta["extra"])
 
 
-def check_compatible(saved_config: dict, config: dict, where: str) -> None:
+def check_compatible(saved_config: dict, config: dict, where: str, keys: tuple[str, ...]) -> None:
     """Refuse to load weights into a model of another shape, naming the first key that differs."""
-    for key in SHAPE_KEYS:
+    for key in keys:
         saved, now = saved_config.get(key), config.get(key)
         if isinstance(saved, list):
             saved = tuple(saved)

@@ -186,4 +186,5 @@ def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
             sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
     if sd["wte.weight"].shape[0] != cfg.vocab_size:  # padding would give unused tokens logit 0: too likely
         raise ValueError(f"{path} has vocab {sd['wte.weight'].shape[0]}; set vocab_size={sd['wte.weight'].shape[0]} in the config")
+    sd["lm_head.weight"] = sd["wte.weight"]  # tied: the same matrix under both names
     return {k: v.contiguous() for k, v in sd.items()}

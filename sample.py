@@ -1,0 +1,73 @@
+"""Generate text from a checkpoint, printing tokens as they are produced.
+
+    python sample.py out/tiny --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8 --top_k 200 --seed 1
+    python sample.py path/to/gpt2/model.safetensors --prompt "Hello, I'm a language model,"
+
+The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, which is applied to its
+base) or a GPT-2 model.safetensors in Hugging Face layout.
+"""
+import argparse
+import codecs
+import sys
+
+import torch
+
+from nanoft import checkpoint
+from nanoft.config import Config
+from nanoft.data import get_tokenizer
+from nanoft.model import GPT, gpt2_state_dict
+
+GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
+
+
+def load_model(source: str) -> GPT:
+    if source.endswith(".safetensors"):
+        model = GPT(GPT2_SMALL)
+        checkpoint.load_weights(model, gpt2_state_dict(source, GPT2_SMALL), source)
+        return model
+    ckpt = checkpoint.load(source)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.config.items()})
+    cfg = Config(**{**cfg.to_dict(), "dropout": 0.0, "gradient_checkpointing": False})
+    model = GPT(cfg)
+    if cfg.finetune in ("lora", "qlora"):  # an adapter: rebuild its base first
+        from nanoft.lora import apply_lora, load_adapter_state_dict
+
+        base = load_model(ckpt.base_from)
+        model.load_state_dict(base.state_dict(), strict=False)  # the base's wpe may be longer
+        model = apply_lora(model, cfg)
+        load_adapter_state_dict(model, ckpt.model)
+    else:
+        checkpoint.load_weights(model, ckpt.model, source)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a nanoft out_dir or a GPT-2 model.safetensors")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    enc = get_tokenizer()
+    model = load_model(args.checkpoint).to(args.device).eval()
+    idx = torch.tensor([enc.encode(args.prompt, allowed_special={"<|endoftext|>"})], device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two tokens
+    for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, generator=gen):
+        t = token.item()
+        if t < enc.n_vocab:  # a padded vocabulary has ids no text maps to
+            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(t)))
+            sys.stdout.flush()  # stream: show each token as soon as it exists
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,229 @@
+"""Train a GPT: pretraining from scratch, or full / LoRA / QLoRA fine-tuning, in one loop.
+
+    python train.py configs/tiny.py                       # CPU, ~5 minutes, Shakespeare
+    python train.py configs/100m.py                       # the ~100M-parameter exercise (GPU)
+    python train.py configs/tiny.py --init_from=resume    # continue the run in out_dir
+    python train.py configs/lora.py                       # LoRA fine-tune of out/tiny on the speaker task
+    python train.py configs/tiny.py --optimizer=adamw8bit --max_iters=100 --out_dir=out/try
+    torchrun --nproc_per_node=2 train.py configs/tiny.py  # data-parallel
+    python train.py configs/100m.py --help                # every config key
+
+Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json +
+ckpt-<step>.safetensors). Ctrl-C saves a checkpoint and exits.
+"""
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoft import checkpoint, distributed
+from nanoft.config import Config, describe, load_config
+from nanoft.data import Batches, ensure_dataset, get_tokenizer
+from nanoft.lr import warmup_cosine
+from nanoft.model import GPT, gpt2_state_dict
+from nanoft.optim import make_optimizer
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":  # bf16 needs no loss scaling; fp16 does (GradScaler below)
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_base(model: GPT, source: str, cfg: Config) -> None:
+    """Initialise from a nanoft checkpoint directory or a GPT-2 (Hugging Face layout) model.safetensors."""
+    if source.endswith(".safetensors"):
+        checkpoint.load_weights(model, gpt2_state_dict(source, cfg), source)
+        return
+    base = checkpoint.load(source)
+    checkpoint.check_compatible(base.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
+    weights = dict(base.model)
+    weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
+    checkpoint.load_weights(model, weights, source)
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters: int, autocast) -> float:
+    """Mean loss over the same eval_iters validation batches every time, so evaluations compare."""
+    model.eval()
+    batches.load_state_dict({"position": 0})
+    losses = torch.zeros(eval_iters)
+    for i in range(eval_iters):
+        with autocast:
+            losses[i] = model(*batches.next())[1]
+    model.train()
+    return losses.mean().item()
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        print(__doc__ + "\n" + describe())
+        return
+    cfg = load_config(argv[0], argv[1:])
+    resume = checkpoint.load(cfg.out_dir) if cfg.init_from == "resume" else None
+    if resume:  # the run's shape comes from the checkpoint; schedule keys (max_iters...) may change
+        checkpoint.check_compatible(resume.config, cfg.to_dict(), cfg.out_dir, checkpoint.SHAPE_KEYS)
+    base_from = resume.base_from if resume else cfg.init_from
+
+    device = pick_device(cfg.device)
+    dist = distributed.setup(device)
+    device = distributed.device_for(dist, device)
+    dtype = pick_dtype(cfg.dtype, device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: ~free speed on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- model: base weights, then adapters, then the run's own weights when resuming ----
+    model = GPT(cfg)
+    if base_from != "scratch":
+        load_base(model, base_from, cfg)
+    if cfg.finetune in ("lora", "qlora"):
+        from nanoft.lora import adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
+        model = apply_lora(model, cfg)
+        if dist.is_master:
+            print(trainable_summary(model))
+    model.to(device)
+    if resume:
+        if cfg.finetune in ("lora", "qlora"):
+            load_adapter_state_dict(model, resume.model)
+        else:
+            checkpoint.load_weights(model, resume.model, cfg.out_dir)
+    optimizer = make_optimizer(cfg, model)
+    if resume and resume.optim is not None:
+        optimizer.load_state_dict(resume.optim)
+    raw_model = model
+    if cfg.compile and device_type == "cuda":
+        model = torch.compile(model)  # slow first step, faster after
+    model = distributed.wrap(model, dist, device)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+
+    # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
+    if cfg.finetune == "none":
+        data_dir = ensure_dataset(cfg.dataset) if dist.is_master else None
+        distributed.barrier(dist)  # the other ranks wait for rank 0 to prepare the data
+        data_dir = ensure_dataset(cfg.dataset)
+        train_batches = Batches(data_dir / "train.bin", cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
+        val_batches = Batches(data_dir / "val.bin", cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
+    else:
+        from nanoft.sft import SFTBatches, load_sft_splits
+        train_examples, val_examples = load_sft_splits(cfg)
+        train_batches = SFTBatches(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
+        val_batches = SFTBatches(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
+    start_step = 0
+    if resume:
+        train_batches.load_state_dict(resume.data["train"])
+        checkpoint.set_rng_state(resume.rng)  # dropout masks continue exactly where they stopped
+        start_step = resume.step
+
+    def save(step: int) -> None:
+        if not dist.is_master:
+            return
+        weights = adapter_state_dict(raw_model) if cfg.finetune in ("lora", "qlora") else raw_model.state_dict()
+        checkpoint.save(cfg.out_dir, checkpoint.Checkpoint(
+            step=step, config=cfg.to_dict(), model=weights, base_from=base_from,
+            data={"train": train_batches.state_dict()}, optim=optimizer.state_dict(), rng=checkpoint.rng_state()))
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / "metrics.jsonl", "a") if dist.is_master else None
+    if cfg.wandb_log and dist.is_master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=cfg.to_dict(), resume="allow")
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world_size
+    if dist.is_master:
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {str(dtype).removeprefix('torch.')}"
+              f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer}")
+
+    # ---- the loop ----
+    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
+    completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
+    position_at_step_start = train_batches.state_dict()
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            position_at_step_start = train_batches.state_dict()
+            lr = warmup_cosine(step, warmup_iters=cfg.warmup_iters, max_iters=cfg.max_iters, lr=cfg.lr, min_lr=cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                with distributed.sync_gradients(model, last_micro_step=micro == cfg.grad_accum - 1), autocast:
+                    _, loss = model(*train_batches.next())
+                    loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
+            completed = done = step + 1
+            last = done == cfg.max_iters
+            if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
+                loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point
+                dt = time.perf_counter() - t0
+                record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+                if done % cfg.eval_interval == 0 or last:
+                    val = torch.tensor(estimate_loss(model, val_batches, cfg.eval_iters, autocast), device=device)
+                    record["val_loss"] = distributed.mean_across_ranks(val, dist).item()
+                if dist.is_master:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if cfg.wandb_log:
+                        wandb.log(record, step=done)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                    if "val_loss" in record:
+                        bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
+            if done % cfg.save_interval == 0 or last:
+                save(done)
+    except KeyboardInterrupt:
+        if completed == step:  # interrupted mid-step: its batches are drawn again on resume
+            train_batches.load_state_dict(position_at_step_start)
+        if dist.is_master:
+            bar.write(f"interrupted: saving a checkpoint at step {completed} in {cfg.out_dir}")
+        save(completed)
+        sys.exit(130)
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+
+    # ---- show what the model does now ----
+    if dist.is_master and cfg.finetune == "none":
+        enc = get_tokenizer()
+        start = torch.tensor([enc.encode("\n")], device=device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        ids = [t.item() for t in raw_model.generate(start, 200, temperature=0.8, top_k=200, generator=gen)]
+        print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
+    elif dist.is_master and not cfg.sft_data:
+        from nanoft.sft import score_speaker_task
+        print(f"speaker task accuracy: {score_speaker_task(raw_model, val_examples, device):.3f}")
+    if cfg.wandb_log and dist.is_master:
+        wandb.finish()
+    distributed.teardown(dist)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+        # bad input is one clear line, not a traceback
+        sys.exit(f"error: {e}")
