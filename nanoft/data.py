@@ -118,6 +118,8 @@ def write_tokens(ids: np.ndarray | list[int], path: Path) -> None:
 
 def read_tokens(path: Path) -> np.ndarray:
     """A token file as a read-only uint16 memmap (nothing is read until it is indexed)."""
+    if Path(path).stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)  # mmap cannot map an empty file
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
