@@ -1,0 +1,94 @@
+"""Checkpoints round-trip exactly, and damage or mismatch is a clear error, never a partial load."""
+import json
+
+import pytest
+import torch
+
+from nanoft import checkpoint
+from nanoft.checkpoint import Checkpoint, CheckpointError
+from nanoft.config import Config
+from nanoft.model import GPT
+
+CFG = Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)
+
+
+def _trained(seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    return model, opt
+
+
+def _save(path, model, opt, step=3):
+    return checkpoint.save(path, Checkpoint(step=step, config=CFG.to_dict(), model=model.state_dict(),
+                                            optim=opt.state_dict(), rng=checkpoint.rng_state(), data={"train": {"position": 5}}))
+
+
+def test_round_trip_is_exact_and_keeps_the_tied_head(tmp_path):
+    model, opt = _trained()
+    _save(tmp_path, model, opt)
+    ckpt = checkpoint.load(tmp_path)
+    fresh = GPT(CFG)
+    checkpoint.load_weights(fresh, ckpt.model, str(tmp_path))
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert fresh.lm_head.weight is fresh.wte.weight
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt.optim)
+    for p1, p2 in zip(model.parameters(), fresh.parameters()):
+        assert all(torch.equal(opt.state[p1][k], opt2.state[p2][k]) for k in opt.state[p1])
+    assert ckpt.step == 3 and ckpt.data == {"train": {"position": 5}}
+    assert torch.equal(ckpt.rng["torch_cpu"], torch.get_rng_state())
+
+
+def test_a_new_save_replaces_the_old_files(tmp_path):
+    model, opt = _trained()
+    _save(tmp_path, model, opt, step=1)
+    _save(tmp_path, model, opt, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000002.safetensors", "ckpt.json"]
+    assert checkpoint.load(tmp_path).step == 2
+
+
+def test_corrupt_tensor_file_is_detected(tmp_path):
+    model, opt = _trained()
+    _save(tmp_path, model, opt)
+    tensors = next(tmp_path.glob("ckpt-*.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint.*sha256"):
+        checkpoint.load(tmp_path)
+
+
+def test_corrupt_or_missing_metadata_is_detected(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path)
+    model, opt = _trained()
+    _save(tmp_path, model, opt)
+    meta = tmp_path / "ckpt.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        checkpoint.load(tmp_path)
+    meta.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="is not a nanoft-checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_mismatched_model_is_refused_without_partial_load(tmp_path):
+    model, opt = _trained()
+    _save(tmp_path, model, opt)
+    ckpt = checkpoint.load(tmp_path)
+    other_cfg = Config(**{**CFG.to_dict(), "n_embd": 64})
+    with pytest.raises(CheckpointError, match="n_embd=32 but the config has n_embd=64"):
+        checkpoint.check_compatible(ckpt.config, other_cfg.to_dict(), str(tmp_path), checkpoint.SHAPE_KEYS)
+    other = GPT(other_cfg)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="shape"):
+        checkpoint.load_weights(other, ckpt.model, str(tmp_path))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched
+    del ckpt.model["blocks.1.ln_2.weight"]
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.1.ln_2.weight'\]"):
+        checkpoint.load_weights(GPT(CFG), ckpt.model, str(tmp_path))
