@@ -175,7 +175,9 @@ class Batches:
         self.position += 1
         if self.device.type == "cuda":
             # pinned memory lets the copy run asynchronously, overlapping with the GPU's work
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+            return x, y
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
@@ -276,17 +278,19 @@ CORPORA: dict[str, dict[str, tuple[str, str | None]]] = {
 
 
 def tokenize_text_file(src: Path, dest: Path, chunk_chars: int = 1 << 24) -> int:
-    """Tokenize a text file of any size into a .bin, streaming: documents as in `prepare_text_files`,
-    read 16M characters at a time. Returns the number of tokens written; `dest` appears atomically."""
-    tmp = Path(dest).with_name(Path(dest).name + ".tmp")
+    """Tokenize a text file of any size into a .bin, streaming 16M characters at a time; documents are
+    separated as in `prepare_text_files`. Returns the number of tokens; `dest` appears atomically.
+    (A document is tokenized whole, so a huge file with no "<|endoftext|>" in it is held in memory.)"""
+    src, dest = Path(src), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
     n, rest = 0, ""
     with open(src, encoding="utf-8") as f, open(tmp, "wb") as out, \
-            tqdm(total=Path(src).stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {Path(src).name}") as bar:
+            tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {src.name}") as bar:
         while True:
             chunk = f.read(chunk_chars)
             pieces = (rest + chunk).split(EOT)
             rest = pieces.pop() if chunk else ""  # the last piece may be cut mid-document: carry it over
-            docs = _documents(EOT.join(pieces))
+            docs = [d.strip() for d in pieces if d.strip()]
             if docs:
                 ids = encode_documents(docs)
                 ids.tofile(out)
@@ -309,7 +313,8 @@ def prepare_url(name: str, url: str | None = None, sha256: str | None = None,
         if name not in CORPORA:
             raise ValueError(f"unknown corpus {name!r}: known are {sorted(CORPORA)}; or pass a url")
         for split, (file_url, file_sha) in CORPORA[name].items():
-            txt = download(file_url, cache / file_url.rsplit("/", 1)[-1], file_sha or published_sha256(file_url))
+            sha = file_sha or published_sha256(file_url)
+            txt = download(file_url, cache / file_url.rsplit("/", 1)[-1], sha)
             tokenize_text_file(txt, out_dir / f"{split}.bin")
         return out_dir
     txt = download(url, cache / (url.rstrip("/").rsplit("/", 1)[-1] or "corpus.txt"),
