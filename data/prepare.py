@@ -1,6 +1,6 @@
 """Prepare a dataset: text in, data/<name>/{train,val}.bin out (uint16 GPT-2 token ids).
 
-    python data/prepare.py shakespeare                          # all of Shakespeare's plays, ~1.4M tokens
+    python data/prepare.py shakespeare                          # all of Shakespeare's plays, ~1.45M tokens
     python data/prepare.py --input 'notes/*.txt' --name mytext  # your own text files
     python data/prepare.py tinystories                          # a larger public corpus, over HTTP
     python data/prepare.py mycorpus --url https://example.org/corpus.txt [--sha256 HEX]

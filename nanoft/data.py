@@ -4,7 +4,7 @@ A prepared dataset is a folder `DATA_ROOT/<name>/` holding `train.bin` and `val.
 as raw little-endian uint16 (the vocabulary has 50257 entries, which fit in 16 bits), as in nanoGPT.
 Documents are separated by GPT-2's `<|endoftext|>` token (50256), as GPT-2 itself was trained.
 
-    python data/prepare.py shakespeare                        # all of Shakespeare's plays (~1.3M tokens)
+    python data/prepare.py shakespeare                        # all of Shakespeare's plays (~1.45M tokens)
     python data/prepare.py --input 'notes/*.txt' --name mytext
     python data/prepare.py tinystories                        # a larger public corpus over HTTP
 
