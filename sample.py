@@ -7,6 +7,7 @@ The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, which 
 base) or a GPT-2 model.safetensors in Hugging Face layout.
 """
 import argparse
+import dataclasses
 import codecs
 import sys
 
@@ -15,29 +16,24 @@ import torch
 from nanoft import checkpoint
 from nanoft.config import Config
 from nanoft.data import get_tokenizer
-from nanoft.model import GPT, gpt2_state_dict
+from nanoft.model import GPT, load_pretrained
 
 GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
 
 
 def load_model(source: str) -> GPT:
     if source.endswith(".safetensors"):
-        model = GPT(GPT2_SMALL)
-        checkpoint.load_weights(model, gpt2_state_dict(source, GPT2_SMALL), source)
-        return model
+        return load_pretrained(GPT2_SMALL, source)
     ckpt = checkpoint.load(source)
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.config.items()})
-    cfg = Config(**{**cfg.to_dict(), "dropout": 0.0, "gradient_checkpointing": False})
-    model = GPT(cfg)
-    if cfg.finetune in ("lora", "qlora"):  # an adapter: rebuild its base first
-        from nanoft.lora import apply_lora, load_adapter_state_dict
-
-        base = load_model(ckpt.base_from)
-        model.load_state_dict(base.state_dict(), strict=False)  # the base's wpe may be longer
-        model = apply_lora(model, cfg)
-        load_adapter_state_dict(model, ckpt.model)
-    else:
+    cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
+    if cfg.finetune not in ("lora", "qlora"):
+        model = GPT(cfg)
         checkpoint.load_weights(model, ckpt.model, source)
+        return model
+    from nanoft.lora import apply_lora, load_adapter_state_dict  # an adapter: rebuild its base first
+
+    model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg)
+    load_adapter_state_dict(model, ckpt.model)
     return model
 
 

@@ -5,7 +5,8 @@
     python train.py configs/tiny.py --init_from=resume    # continue the run in out_dir
     python train.py configs/lora.py                       # LoRA fine-tune of out/tiny on the speaker task
     python train.py configs/tiny.py --optimizer=adamw8bit --max_iters=100 --out_dir=out/try
-    torchrun --nproc_per_node=2 train.py configs/tiny.py  # data-parallel
+    torchrun --nproc_per_node=2 train.py configs/tiny.py  # data-parallel (batch_size is per rank)
+    torchrun --nproc_per_node=2 train.py configs/tiny.py --fsdp=True  # sharded (FSDP2)
     python train.py configs/100m.py --help                # every config key
 
 Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json +
@@ -25,7 +26,7 @@ from nanoft import checkpoint, distributed
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
 from nanoft.lr import warmup_cosine
-from nanoft.model import GPT, gpt2_state_dict
+from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
 
 
@@ -41,18 +42,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":  # bf16 needs no loss scaling; fp16 does (GradScaler below)
         return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
-
-
-def load_base(model: GPT, source: str, cfg: Config) -> None:
-    """Initialise from a nanoft checkpoint directory or a GPT-2 (Hugging Face layout) model.safetensors."""
-    if source.endswith(".safetensors"):
-        checkpoint.load_weights(model, gpt2_state_dict(source, cfg), source)
-        return
-    base = checkpoint.load(source)
-    checkpoint.check_compatible(base.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
-    weights = dict(base.model)
-    weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
-    checkpoint.load_weights(model, weights, source)
 
 
 @torch.no_grad()
@@ -79,7 +68,7 @@ def main(argv: list[str]) -> None:
     base_from = resume.base_from if resume else cfg.init_from
 
     device = pick_device(cfg.device)
-    dist = distributed.setup(device)
+    dist = distributed.setup(device, cfg)
     device = distributed.device_for(dist, device)
     dtype = pick_dtype(cfg.dtype, device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -90,23 +79,21 @@ def main(argv: list[str]) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
-    model = GPT(cfg)
-    if base_from != "scratch":
-        load_base(model, base_from, cfg)
+    model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
     if cfg.finetune in ("lora", "qlora"):
         from nanoft.lora import adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
         model = apply_lora(model, cfg)
         if dist.is_master:
             print(trainable_summary(model))
-    model.to(device)
     if resume:
         if cfg.finetune in ("lora", "qlora"):
             load_adapter_state_dict(model, resume.model)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
-    optimizer = make_optimizer(cfg, model)
+    model = distributed.place(model, dist, device)  # to the device; fsdp: only this rank's shard of it
+    optimizer = make_optimizer(cfg, model)  # after place(): with fsdp it must hold the sharded parameters
     if resume and resume.optim is not None:
-        optimizer.load_state_dict(resume.optim)
+        distributed.load_optimizer_state(optimizer, resume.optim, dist)
     raw_model = model
     if cfg.compile and device_type == "cuda":
         model = torch.compile(model)  # slow first step, faster after
@@ -132,12 +119,15 @@ def main(argv: list[str]) -> None:
         start_step = resume.step
 
     def save(step: int) -> None:
+        # full weights and optimizer state on rank 0 (with fsdp, every rank joins in gathering its shards)
+        weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist)
         if not dist.is_master:
             return
-        weights = adapter_state_dict(raw_model) if cfg.finetune in ("lora", "qlora") else raw_model.state_dict()
+        if cfg.finetune in ("lora", "qlora"):
+            weights = adapter_state_dict(raw_model)
         checkpoint.save(cfg.out_dir, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from,
-            data={"train": train_batches.state_dict()}, optim=optimizer.state_dict(), rng=checkpoint.rng_state()))
+            data={"train": train_batches.state_dict()}, optim=optim_state, rng=checkpoint.rng_state()))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,14 +196,15 @@ def main(argv: list[str]) -> None:
         if metrics:
             metrics.close()
 
-    # ---- show what the model does now ----
-    if dist.is_master and cfg.finetune == "none":
+    # ---- show what the model does now (fsdp: each rank holds a shard, so all ranks run each forward) ----
+    if (dist.is_master or dist.fsdp) and cfg.finetune == "none":
         enc = get_tokenizer()
         start = torch.tensor([enc.encode("\n")], device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         ids = [t.item() for t in raw_model.generate(start, 200, temperature=0.8, top_k=200, generator=gen)]
-        print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
-    elif dist.is_master and not cfg.sft_data:
+        if dist.is_master:
+            print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
+    elif dist.is_master and not cfg.sft_data and not dist.fsdp:  # fsdp: score the checkpoint in one process
         from nanoft.sft import score_speaker_task
         print(f"speaker task accuracy: {score_speaker_task(raw_model, val_examples, device):.3f}")
     if cfg.wandb_log and dist.is_master:

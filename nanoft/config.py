@@ -112,6 +112,14 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def from_dict(d: dict) -> "Config":
+        """A Config from a checkpoint's JSON: lists back to tuples; unknown keys are an error."""
+        for key in d:
+            if key not in field_names():
+                raise unknown_key_error(key)
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 def _check_type(key: str, expected: type, value: object) -> None:
     if expected is float and type(value) is int:

@@ -148,6 +148,25 @@ class GPT(nn.Module):
 
 # --- GPT-2 weights -------------------------------------------------------------------------------
 
+def load_pretrained(cfg: Config, source: str) -> GPT:
+    """GPT(cfg) holding the weights at `source`: a nanoft checkpoint directory holding a full model
+    (not a LoRA adapter), or a GPT-2 model.safetensors in Hugging Face layout."""
+    from nanoft import checkpoint  # here, not at the top: checkpoint.py stays independent of the model
+
+    model = GPT(cfg)
+    if source.endswith(".safetensors"):
+        checkpoint.load_weights(model, gpt2_state_dict(source, cfg), source)
+        return model
+    ckpt = checkpoint.load(source)
+    if ckpt.config.get("finetune") in ("lora", "qlora"):
+        raise ValueError(f"{source} holds a LoRA adapter, not a full model: merge it first (python -m nanoft.lora merge)")
+    checkpoint.check_compatible(ckpt.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
+    weights = dict(ckpt.model)
+    weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
+    checkpoint.load_weights(model, weights, source)
+    return model
+
+
 def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
     """Read a Hugging Face GPT-2 `model.safetensors` and return it in our module names.
 
