@@ -1,4 +1,5 @@
 """Triton kernels, each beside its plain-PyTorch reference. Installed and imported as `nanoft.kernels`."""
 from .blockwise8 import dequantize_blockwise8, dynamic_map, quantize_blockwise8
+from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 
-__all__ = ["dynamic_map", "quantize_blockwise8", "dequantize_blockwise8"]
+__all__ = ["dynamic_map", "quantize_blockwise8", "dequantize_blockwise8", "NF4State", "quantize_nf4", "dequantize_nf4"]

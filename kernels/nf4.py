@@ -1,0 +1,305 @@
+"""NF4 (4-bit NormalFloat) blockwise quantization with optional double quantization, as bitsandbytes does it.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) stores a frozen base weight in 4 bits per value:
+
+    absmax[b] = max_i |w[i]|                    over the `blocksize` elements i of block b (flat order)
+    codes[i]  = index of the NF4 value nearest to w[i] / absmax[b]
+    w_hat[i]  = NF4[codes[i]] * absmax[b]
+
+NF4 is 16 fixed values in [-1, 1] (quantiles of a normal distribution, exact zero at index 7), copied
+from bitsandbytes' `get_4bit_type("nf4")`, never recomputed.
+
+Format (identical to `bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4")` on CPU)
+---------------------------------------------------------------------------------------------------
+- `packed`: uint8 [ceil(numel / 2)]. Byte j holds element 2j in its HIGH nibble and element 2j+1 in its
+  low nibble. An odd numel pads one zero, so the last low nibble is 7 (code 0.0).
+- `absmax`: float32 [ceil(numel / blocksize)], one per block, blocks taken in flat row-major order; the
+  last block may be short.
+- "Nearest": threshold at the midpoints m_k = (NF4[k] + NF4[k+1]) / 2 (float32), code = #{k : m_k < y};
+  an exact tie goes to the lower code. y = clamp(w * (1 / max(absmax, 1e-38)), -1, 1) for full blocks;
+  bitsandbytes' CPU path *divides* by the absmax in a short tail block, y = w / max(absmax, 1e-38), and
+  stores the clamped absmax (1e-38, not 0) for an all-zero tail block. We do the same, to be bit-exact.
+- Double quantization (QLoRA section 3, `compress_statistics=True`): offset = mean(absmax) (torch.mean, float32);
+  absmax - offset is quantized to 8 bits with the signed dynamic map in blocks of 256 (kernels/blockwise8.py);
+  kept: uint8 absmax codes, float32 nested absmax [ceil(num_blocks / 256)], the offset. Dequantizing
+  rebuilds absmax = (code8[q] * nested_absmax[b // 256]) + offset, each step rounded to float32 (kernels
+  are launched with FMA contraction off so the GPU rounds the same way).
+- Dequantize: NF4[code] * absmax in float32, then one rounding to the output dtype (nearest even).
+
+Bits per parameter at blocksize 64: 4 + 32/64 = 4.5 without double quantization, and
+4 + 8/64 + 32/(64*256) = 4.127 with it (plus 32 bits of offset per tensor).
+
+Edge cases: an all-zero block has absmax 0 and dequantizes to zeros (never NaN); NaN or inf input is
+rejected with a ValueError (the reference would otherwise produce garbage codes silently).
+On CUDA, bitsandbytes' own kernels multiply by the reciprocal in the tail block too, and its 8-bit nested
+quantizer searches the code table instead of using the CPU's lookup grid; we follow the CPU package (the one
+these tests can run), so a CUDA bitsandbytes output may differ from ours in those rare elements.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .blockwise8 import (
+    FLOAT_DTYPES,
+    _check_blocksize,
+    _default_code,
+    _use_triton,
+    dequantize_blockwise8,
+    dequantize_blockwise8_reference,
+    quantize_blockwise8,
+    store_rounded,
+)
+
+NF4_VALUES = [  # bitsandbytes/functional.py get_4bit_type("nf4"): sorted, index 7 is exactly 0
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+NESTED_BLOCKSIZE = 256  # double quantization: absmax values per 8-bit block (fixed, as in bitsandbytes)
+ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps the absmax it divides by to this (a float32 subnormal)
+QUANT_TILE_ELEMENTS = 2048  # elements per program in quantize: max(1, 2048 // blocksize) blocks each
+DEQUANT_TILE = 1024  # elements per program in dequantize
+
+
+@dataclass
+class NF4State:
+    """A quantized tensor: what `quantize_nf4` returns and `dequantize_nf4` reads."""
+
+    packed: Tensor  # uint8 [ceil(numel / 2)]: element 2j -> high nibble of byte j, 2j+1 -> low nibble
+    absmax: Tensor  # float32 [num_blocks]; uint8 [num_blocks] (8-bit codes) when double quantized
+    shape: torch.Size  # the original tensor's shape
+    dtype: torch.dtype  # the original tensor's dtype (the default dequantize dtype)
+    blocksize: int  # elements per absmax block
+    offset: Tensor | None = None  # float32 []: mean of the float absmax (double quantization only)
+    nested_absmax: Tensor | None = None  # float32 [ceil(num_blocks / 256)] (double quantization only)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device) -> "NF4State":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax), offset=move(self.offset),
+                       nested_absmax=move(self.nested_absmax))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _quantize_nf4_kernel(
+    x_ptr,  # *fp32/fp16/bf16, [n] flat contiguous input
+    bounds_ptr,  # *fp32, [15] midpoints between consecutive NF4 values
+    packed_ptr,  # *uint8, [ceil(n / 2)] output, two codes per byte, even element high
+    absmax_ptr,  # *fp32, [num_blocks] output per-block absmax
+    n,  # number of elements
+    num_blocks,  # ceil(n / BLOCKSIZE)
+    BLOCKSIZE: tl.constexpr,  # elements per quantization block (power of two, 32..4096)
+    ROWS: tl.constexpr,  # quantization blocks handled by one program, one per tile row
+    FLOOR: tl.constexpr,  # ABSMAX_FLOOR: the smallest absmax divided by
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    even = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, HALF)[None, :]  # (ROWS, HALF) even element indices
+    x0 = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)  # high-nibble elements
+    x1 = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)  # low-nibble elements
+    absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))  # (ROWS,)
+    scale = tl.maximum(absmax, FLOOR)[:, None]  # (ROWS, 1)
+    inv = tl.math.div_rn(tl.full([ROWS, 1], 1.0, tl.float32), scale)  # IEEE division, as torch does
+    tail = ((rows + 1) * BLOCKSIZE > n)[:, None]  # the short last block divides instead (bitsandbytes CPU)
+    y0 = tl.where(tail, tl.math.div_rn(x0, scale), x0 * inv)
+    y1 = tl.where(tail, tl.math.div_rn(x1, scale), x1 * inv)
+    y0 = tl.minimum(tl.maximum(y0, -1.0), 1.0)
+    y1 = tl.minimum(tl.maximum(y1, -1.0), 1.0)
+    q0 = tl.zeros([ROWS, HALF], dtype=tl.int32)
+    q1 = tl.zeros([ROWS, HALF], dtype=tl.int32)
+    for k in tl.static_range(15):  # code = number of midpoints strictly below y: a tie goes down
+        bound = tl.load(bounds_ptr + k)
+        q0 += (y0 > bound).to(tl.int32)
+        q1 += (y1 > bound).to(tl.int32)
+    tl.store(packed_ptr + even // 2, ((q0 << 4) | q1).to(tl.uint8), mask=even < n)
+    stored = tl.where(((rows + 1) * BLOCKSIZE > n), tl.maximum(absmax, FLOOR), absmax)
+    tl.store(absmax_ptr + rows, stored, mask=rows < num_blocks)
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr,  # *uint8, [ceil(n / 2)] packed codes
+    absmax_ptr,  # *fp32 [num_blocks] absmax; or *uint8 [num_blocks] 8-bit codes if DOUBLE_QUANT
+    nested_absmax_ptr,  # *fp32, [ceil(num_blocks / NESTED_BLOCKSIZE)] (read only if DOUBLE_QUANT)
+    code8_ptr,  # *fp32, [256] signed dynamic map (read only if DOUBLE_QUANT)
+    offset_ptr,  # *fp32, [] mean absmax added back (read only if DOUBLE_QUANT)
+    nf4_ptr,  # *fp32, [16] NF4 values
+    out_ptr,  # *fp32/fp16/bf16, [n] output
+    n,  # number of elements
+    BLOCKSIZE: tl.constexpr,  # elements per absmax block
+    DOUBLE_QUANT: tl.constexpr,  # absmax is itself 8-bit quantized
+    NESTED: tl.constexpr,  # absmax values per nested block (256)
+    TILE: tl.constexpr,  # output elements per program
+    OUT_BF16: tl.constexpr,  # output is bfloat16: round by hand (see blockwise8.store_rounded)
+):
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    mask = offs < n
+    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where(offs % 2 == 0, byte >> 4, byte & 0xF)  # even element in the high nibble
+    block = offs // BLOCKSIZE
+    if DOUBLE_QUANT:
+        q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code8_ptr + q8) * tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)  # rounded separately: launched with fp fusion off
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    value = tl.load(nf4_ptr + code) * scale
+    store_rounded(out_ptr + offs, value, mask, OUT_BF16)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tables
+
+_TABLES: dict = {}  # device -> (nf4 values [16], midpoints [15])
+
+
+def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    key = str(device)
+    if key not in _TABLES:
+        nf4 = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+        _TABLES[key] = (nf4, (nf4[:-1] + nf4[1:]) / 2)  # midpoints exactly as bitsandbytes computes them
+    return _TABLES[key]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Wrappers
+
+
+def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, backend: str = "auto") -> NF4State:
+    """Quantize a float32/float16/bfloat16 tensor of any shape to NF4 (see the module docstring)."""
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    _check_blocksize(blocksize)
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
+        raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
+    nf4, bounds = _nf4_tables(x.device)
+    if _use_triton(backend, x.device):
+        flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input
+        n = flat.numel()
+        num_blocks = triton.cdiv(n, blocksize)
+        rows = max(1, QUANT_TILE_ELEMENTS // blocksize)
+        packed = torch.empty(triton.cdiv(n, 2), dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
+        _quantize_nf4_kernel[(triton.cdiv(num_blocks, rows),)](
+            flat, bounds, packed, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, FLOOR=ABSMAX_FLOOR,
+            enable_fp_fusion=False,
+        )
+    else:
+        packed, absmax = quantize_nf4_reference(x, blocksize, bounds)
+    state = NF4State(packed=packed, absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()  # torch's float32 mean, as bitsandbytes; on CUDA, CUDA's summation order
+        qabsmax, nested_absmax = quantize_blockwise8(
+            absmax - offset, _default_code(x.device), NESTED_BLOCKSIZE, backend=backend
+        )
+        state = replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax)
+    return state
+
+
+def _check_state(q: NF4State) -> None:
+    if not isinstance(q, NF4State):
+        raise ValueError(f"expected an NF4State, got {type(q).__name__}")
+    _check_blocksize(q.blocksize)
+    n, num_blocks = q.numel, triton.cdiv(q.numel, q.blocksize)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != triton.cdiv(n, 2):
+        raise ValueError(f"packed must be uint8 with {triton.cdiv(n, 2)} bytes for shape {tuple(q.shape)}, "
+                         f"got {q.packed.dtype} with {q.packed.numel()}")
+    want = torch.uint8 if q.double_quant else torch.float32
+    if q.absmax.dtype != want or q.absmax.numel() != num_blocks:
+        raise ValueError(f"absmax must be {want} with {num_blocks} values, got {q.absmax.dtype} "
+                         f"with {q.absmax.numel()}")
+    if q.double_quant and (q.offset is None or q.offset.numel() != 1
+                           or q.nested_absmax.numel() != triton.cdiv(num_blocks, NESTED_BLOCKSIZE)):
+        raise ValueError("double-quantized state needs a scalar offset and "
+                         f"{triton.cdiv(num_blocks, NESTED_BLOCKSIZE)} nested absmax values")
+
+
+def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str = "auto") -> Tensor:
+    """Rebuild the tensor: NF4[code] * absmax, in `dtype` (default: the dtype that was quantized)."""
+    _check_state(q)
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    nf4, _ = _nf4_tables(q.device)
+    if not _use_triton(backend, q.device):
+        return dequantize_nf4_reference(q, dtype, nf4)
+    n = q.numel
+    out = torch.empty(n, dtype=dtype, device=q.device)
+    dummy = q.absmax  # pointers the kernel never reads when DOUBLE_QUANT is off
+    _dequantize_nf4_kernel[(triton.cdiv(n, DEQUANT_TILE),)](
+        q.packed, q.absmax,
+        q.nested_absmax if q.double_quant else dummy,
+        _default_code(q.device) if q.double_quant else dummy,
+        q.offset.reshape(1).float() if q.double_quant else dummy,
+        nf4, out, n,
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, TILE=DEQUANT_TILE,
+        OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False,
+    )
+    return out.view(q.shape)
+
+
+def absmax_float(q: NF4State, backend: str = "auto") -> Tensor:
+    """The float32 per-block absmax (undoing double quantization if any)."""
+    if not q.double_quant:
+        return q.absmax
+    scaled = dequantize_blockwise8(q.absmax, q.nested_absmax, _default_code(q.device), NESTED_BLOCKSIZE,
+                                   backend=backend)
+    return scaled + q.offset
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Plain PyTorch reference: the readable specification the kernels are held to
+
+
+def quantize_nf4_reference(x: Tensor, blocksize: int, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed uint8 [ceil(n/2)], absmax float32 [num_blocks]), exactly as bitsandbytes' CPU path."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    num_blocks = -(-n // blocksize)
+    padded = torch.zeros(num_blocks * blocksize, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    blocks = padded.view(num_blocks, blocksize)  # (num_blocks, blocksize), zero-padded tail
+    absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
+    scale = absmax.clamp(min=ABSMAX_FLOOR)
+    y = blocks * (1.0 / scale)[:, None]  # multiply by the reciprocal...
+    if n % blocksize:
+        y[-1] = blocks[-1] / scale[-1]  # ...except in a short tail block, which divides
+        absmax[-1] = scale[-1]  # and keeps the clamped absmax
+    y = y.clamp(-1.0, 1.0)
+    codes = torch.bucketize(y, bounds).view(-1)[: 2 * -(-n // 2)].to(torch.uint8)  # #{bounds < y}; pad -> 7
+    packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),): even element in the high nibble
+    return packed, absmax
+
+
+def dequantize_nf4_reference(q: NF4State, dtype: torch.dtype, nf4: Tensor) -> Tensor:
+    n = q.numel
+    absmax = q.absmax
+    if q.double_quant:
+        absmax = dequantize_blockwise8_reference(
+            q.absmax, q.nested_absmax, _default_code(q.device), NESTED_BLOCKSIZE, torch.float32
+        ) + q.offset
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[:n]  # (n,) high nibble first
+    scale = absmax.repeat_interleave(q.blocksize)[:n]  # absmax[i // blocksize]
+    return (nf4[codes.long()] * scale).to(dtype).view(q.shape)
