@@ -277,45 +277,20 @@ def trainable_summary(model: nn.Module) -> str:
 
 # --- the merge command ---------------------------------------------------------------------------
 
-def config_from_dict(d: dict) -> Config:
-    """A Config from a checkpoint's JSON (lists back to tuples; keys this version doesn't know dropped)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
-
-def load_base_model(cfg: Config, base: str) -> nn.Module:
-    """GPT(cfg) holding the weights at `base`: a nanoft checkpoint directory (a full model, not an
-    adapter) or a GPT-2 model.safetensors. The same rules as train.py's loading of init_from."""
-    from nanoft import checkpoint
-    from nanoft.model import GPT, gpt2_state_dict
-
-    model = GPT(cfg)
-    if base.endswith(".safetensors"):
-        weights = gpt2_state_dict(base, cfg)
-    else:
-        ck = checkpoint.load(base)
-        if ck.config.get("finetune") in ("lora", "qlora"):
-            raise ValueError(f"base {base} is itself a LoRA adapter: merge it first and use the merged directory")
-        weights = dict(ck.model)
-    weights.setdefault("lm_head.weight", weights["wte.weight"])  # the tied head is the embedding
-    weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
-    checkpoint.load_weights(model, weights, base)
-    return model
-
-
 def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None) -> Path:
     """Read a LoRA/QLoRA run's checkpoint (adapter weights + config), rebuild its base, merge, and save
     a full nanoft checkpoint with finetune="none" that sample.py and train.py load with no LoRA code.
     For QLoRA the merged weights are the NF4-dequantized base plus the update: the function the adapter
     was trained with (adding it to the original float base would differ by the quantization error)."""
     from nanoft import checkpoint
+    from nanoft.model import load_pretrained
 
     ck = checkpoint.load(adapter_dir)
-    cfg = config_from_dict(ck.config)
+    cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
     if cfg.finetune not in ("lora", "qlora"):
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
     base = base or ck.base_from
-    model = apply_lora(load_base_model(cfg, base), cfg)
+    model = apply_lora(load_pretrained(cfg, base), cfg)
     load_adapter_state_dict(model, ck.model)
     model = merge_lora(model).float()
     merged_cfg = dataclasses.replace(cfg, finetune="none", init_from="scratch", out_dir=str(out_dir))

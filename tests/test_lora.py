@@ -1,0 +1,261 @@
+"""LoRA and QLoRA: identity at init, merge/unmerge, frozen base, adapter files, the merge command,
+NF4 bases, and gradient checkpointing. Small real models (2 layers, width 64), no mocks."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from nanoft import checkpoint
+from nanoft.config import LORA_TARGETS, Config, load_config
+from nanoft.lora import (LoRALinear, adapter_config, adapter_state_dict, apply_lora, count_params,
+                         load_adapter_state_dict, lora_modules, merge_lora, trainable_summary)
+from nanoft.model import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, dropout=0.0, lora_dropout=0.0,
+               device="cpu", finetune="lora")
+
+
+def small_model(seed: int = 0, **overrides) -> tuple[GPT, Config]:
+    cfg = dataclasses.replace(SMALL, **overrides)
+    torch.manual_seed(seed)
+    return GPT(cfg), cfg
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
+    """B starts at zero, which would make every merge test trivially pass: give it values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def tokens(seed: int = 0, B: int = 3, T: int = 16) -> torch.Tensor:
+    return torch.randint(0, SMALL.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x, x)[0]  # with targets: logits at every position
+
+
+def test_lora_linear_equals_base_at_init_even_with_dropout():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48)
+    lora = LoRALinear(base, r=4, alpha=8, dropout=0.5)  # train mode: dropout active on the LoRA path
+    x = torch.randn(5, 7, 32)
+    assert torch.equal(lora(x), base(x))
+    assert torch.all(lora.lora_B == 0) and lora.lora_A.abs().sum() > 0  # the named init steps
+    assert lora.scaling == 2.0 and lora.adapter_params() == ["lora_A", "lora_B"]
+    assert not base.weight.requires_grad and lora.lora_A.requires_grad
+
+
+def test_lora_linear_maths():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    lora = LoRALinear(base, r=2, alpha=6, dropout=0.0)
+    nn.init.normal_(lora.lora_B)
+    x = torch.randn(4, 16)
+    expected = x @ base.weight.T + base.bias + 3.0 * (x @ lora.lora_A.T @ lora.lora_B.T)  # alpha/r = 3
+    torch.testing.assert_close(lora(x), expected)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), LORA_TARGETS])
+def test_gpt_output_equals_base_at_init(targets):
+    model, cfg = small_model(lora_targets=targets, lora_dropout=0.1)
+    x = tokens()
+    before = logits(model, x)
+    apply_lora(model, cfg)
+    assert len(lora_modules(model)) == cfg.n_layer * len(targets)
+    assert torch.equal(logits(model, x), before)
+
+
+def test_full_and_none_leave_the_model_alone():
+    for finetune in ("full", "none"):
+        model, cfg = small_model(finetune=finetune)
+        assert apply_lora(model, cfg) is model
+        assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_apply_twice_is_an_error():
+    model, cfg = small_model()
+    apply_lora(model, cfg)
+    with pytest.raises(ValueError, match="already"):
+        apply_lora(model, cfg)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores():
+    model, cfg = small_model(lora_targets=LORA_TARGETS)
+    apply_lora(model, cfg)
+    randomize_adapters(model)
+    x = tokens()
+    want = logits(model, x)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for m in lora_modules(model).values():
+        m.merge()
+    torch.testing.assert_close(logits(model, x), want, rtol=1e-5, atol=1e-5)
+    for m in lora_modules(model).values():
+        m.unmerge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lora_gives_plain_linears_that_load_into_gpt():
+    model, cfg = small_model()
+    apply_lora(model, cfg)
+    randomize_adapters(model)
+    x = tokens()
+    want = logits(model, x)
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    plain = GPT(dataclasses.replace(cfg, finetune="none"))  # no LoRA code: the state dict fits a plain GPT
+    checkpoint.load_weights(plain, merged.state_dict(), "merged")
+    torch.testing.assert_close(logits(plain, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_adapters_receive_gradients():
+    model, cfg = small_model(lora_targets=("q_proj", "v_proj", "fc_out"), lora_dropout=0.1)
+    apply_lora(model, cfg)
+    randomize_adapters(model)  # with B = 0 the gradient of A would be zero: not a real test
+    x = tokens()
+    model(x, x)[1].backward()
+    for name, p in model.named_parameters():
+        is_adapter = name.endswith((".lora_A", ".lora_B"))
+        assert p.requires_grad == is_adapter, name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if is_adapter else p.grad is None, name
+
+
+def test_trainable_fraction_of_100m_r8_qv(capsys):
+    cfg = dataclasses.replace(load_config(str(ROOT / "configs/100m.py"), []), finetune="lora", lora_r=8,
+                              lora_targets=("q_proj", "v_proj"))
+    with torch.device("meta"):  # the shapes are all we need: no 400 MB of weights
+        model = GPT(cfg)
+        n_base = model.num_params()  # the tied head counted once
+        apply_lora(model, cfg)
+    trainable, total = count_params(model)
+    assert trainable == cfg.n_layer * 2 * cfg.lora_r * (cfg.n_embd + cfg.n_embd)  # q and v: A (r, C) + B (C, r)
+    assert total == n_base + trainable
+    summary = trainable_summary(model)
+    with capsys.disabled():
+        print(f"\nconfigs/100m.py, LoRA r=8 on q_proj, v_proj: {summary}")
+    assert summary.startswith(f"trainable params: {trainable:,} of {total:,} (")
+
+
+def test_adapter_round_trip_through_safetensors(tmp_path):
+    model, cfg = small_model(lora_targets=("k_proj", "fc_in"))
+    apply_lora(model, cfg)
+    randomize_adapters(model)
+    sd = adapter_state_dict(model)
+    assert set(sd) == {f"blocks.{i}.{p}.lora_{ab}" for i in range(2) for p in ("attn.k_proj", "mlp.fc_in") for ab in "AB"}
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "adapter.safetensors")
+
+    fresh, _ = small_model()  # same base seed, new random A and zero B
+    apply_lora(fresh, cfg)
+    load_adapter_state_dict(fresh, load_file(tmp_path / "adapter.safetensors"))
+    x = tokens()
+    assert torch.equal(logits(fresh, x), logits(model, x))
+    assert adapter_config(cfg)["targets"] == ["k_proj", "fc_in"] and adapter_config(cfg)["r"] == cfg.lora_r
+
+
+def test_load_adapter_is_strict():
+    model, cfg = small_model()
+    apply_lora(model, cfg)
+    sd = adapter_state_dict(model)
+    key = "blocks.0.attn.q_proj.lora_A"
+    with pytest.raises(ValueError, match="missing.*" + key):
+        load_adapter_state_dict(model, {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(ValueError, match="unexpected.*blocks.0.mlp.fc_in.lora_A"):
+        load_adapter_state_dict(model, {**sd, "blocks.0.mlp.fc_in.lora_A": sd[key]})
+    with pytest.raises(ValueError, match=f"{key} has shape \\(4, 64\\)"):
+        load_adapter_state_dict(model, {**sd, key: torch.zeros(4, 64)})
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(finetune):
+    grads = []
+    for ckpt in (False, True):
+        model, cfg = small_model(finetune=finetune, gradient_checkpointing=ckpt, dropout=0.0)
+        apply_lora(model, cfg)
+        randomize_adapters(model)
+        model.train()
+        x = tokens()
+        model(x, x)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_merge_command_writes_a_plain_checkpoint(tmp_path):
+    """What a user does: a base checkpoint, a LoRA run's adapter checkpoint (saved as train.py saves it),
+    `python -m nanoft.lora merge`, then the merged checkpoint loads into a plain GPT."""
+    base, cfg = small_model(finetune="none")
+    checkpoint.save(tmp_path / "base", checkpoint.Checkpoint(step=10, config=cfg.to_dict(), model=base.state_dict()))
+    lora_cfg = dataclasses.replace(cfg, finetune="lora", init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "run"))
+    model = apply_lora(base, lora_cfg)
+    randomize_adapters(model)
+    checkpoint.save(tmp_path / "run", checkpoint.Checkpoint(step=5, config=lora_cfg.to_dict(), model=adapter_state_dict(model),
+                                                            base_from=lora_cfg.init_from))
+    out = subprocess.run([sys.executable, "-m", "nanoft.lora", "merge", "--adapter", str(tmp_path / "run"),
+                          "--out", str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ck = checkpoint.load(tmp_path / "merged")
+    assert ck.config["finetune"] == "none"
+    plain = GPT(Config.from_dict(ck.config))
+    checkpoint.load_weights(plain, ck.model, "merged")
+    x = tokens()
+    torch.testing.assert_close(logits(plain, x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+    bad = subprocess.run([sys.executable, "-m", "nanoft.lora", "merge", "--adapter", str(tmp_path / "base"),
+                          "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a LoRA adapter" in bad.stderr
+
+
+# --- QLoRA: needs the NF4 Linear4bit -------------------------------------------------------------
+
+def test_qlora_forward_matches_float_linear_with_dequantized_weight():
+    quant = pytest.importorskip("nanoft.quant")
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    q = quant.Linear4bit.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
+    lora = LoRALinear(q, r=4, alpha=8, dropout=0.0)
+    nn.init.normal_(lora.lora_B, std=0.1)
+    reference = nn.Linear(128, 64)
+    with torch.no_grad():
+        reference.weight.copy_(q.dequantize() + lora.delta_weight())
+        reference.bias.copy_(linear.bias)
+    x = torch.randn(3, 5, 128)
+    torch.testing.assert_close(lora(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert (q.dequantize() - linear.weight).abs().max() < 0.1 * linear.weight.abs().max()  # NF4 is close, not exact
+    lora.merge()  # NF4 base: dequantize + add into a float linear
+    assert isinstance(lora.base, nn.Linear)
+    torch.testing.assert_close(lora(x), reference(x), rtol=1e-5, atol=1e-5)
+    lora.unmerge()
+    assert lora.base is q
+
+
+def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
+    quant = pytest.importorskip("nanoft.quant")
+    model, cfg = small_model(finetune="qlora", nf4_blocksize=64, double_quant=True)
+    apply_lora(model, cfg)
+    randomize_adapters(model)
+    for block in model.blocks:
+        for name in ("attn.q_proj", "attn.v_proj"):
+            assert isinstance(block.get_submodule(name).base, quant.Linear4bit)
+        for name in ("attn.k_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"):
+            assert isinstance(block.get_submodule(name), quant.Linear4bit)
+    assert model.wte.weight.dtype == torch.float32 and not model.wte.weight.requires_grad
+    x = tokens()
+    want = logits(model, x)
+    model(x, x)[1].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model)) and all(model.get_parameter(n).grad is not None for n in trainable)
+    assert "trainable params" in trainable_summary(model)
+    merged = merge_lora(model)  # dequantized base + update, NF4 non-targets dequantized too
+    assert not any(isinstance(m, (LoRALinear, quant.Linear4bit)) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, x), want, rtol=1e-4, atol=1e-4)
