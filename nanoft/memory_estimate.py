@@ -1,0 +1,442 @@
+"""How much memory a training run needs, worked out from shapes alone: nothing is allocated.
+
+The seeds' rule for a full fine-tune in fp32 with AdamW (seed 001):
+
+    memory = parameters (4 B/param) + gradients (4 B/param) + Adam states (8 B/param) + activations
+           = 16 B/param + activations           7e9 params -> 112 GB,  70e9 params -> 1,120 GB (decimal GB)
+
+This module extends each term to every mode nanoft trains in, tensor by tensor, so that the estimate of the
+first three rows is *exact* (equal to the bytes a measurement finds) and the activations are derived from
+what autograd actually saves in nanoft's forward pass:
+
+    parameters   every parameter tensor at its dtype; QLoRA's frozen block linears as NF4 (codes, absmax ...)
+    gradients    one per *trainable* parameter, at the parameter's dtype (frozen ones get none)
+    states       per optimizer: AdamW 2 fp32 moments, 8-bit AdamW 1+1 bytes plus a block scale per 256,
+                 Adafactor row + column statistics for a matrix; paged optimizers keep them in host memory
+    activations  the tensors autograd saves for backward (see `activation_bytes`)
+    transients   the logits that train.py holds, the loss's gradient, optimizer scratch (see `peak_bytes`)
+
+`ModelShape` describes a model without building it: from a nanoft Config (GPT-2 shaped), from a preset
+(`llama-7b`, `llama-70b`, `gpt2-xl` ...), or from a bare parameter count (`params=7e9`, the seed's own
+figures: there are no dimensions then, so only the per-parameter rows are estimated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from nanoft.config import Config
+
+GB, MiB, GiB = 10**9, 2**20, 2**30  # the seed's GB is decimal; the tables use binary MiB/GiB
+
+# bytes per element of the dtypes that occur
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that decide memory. arch "gpt" is nanoft's GPT-2 shape (LayerNorm, GELU MLP of 4x,
+    learned positions, tied head); "llama" is LLaMA's (RMSNorm, SwiGLU MLP, RoPE, grouped-query attention,
+    untied head, no biases); "nominal" is only a parameter count."""
+    arch: str
+    n_layer: int = 0
+    n_embd: int = 0  # residual width (LLaMA's hidden_size)
+    n_head: int = 1
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 means n_head
+    intermediate: int = 0  # MLP hidden width; 0 means 4 * n_embd
+    vocab_size: int = 0
+    block_size: int = 0  # rows of the learned position table (GPT only)
+    bias: bool = True  # GPT: biases in Linear and LayerNorm
+    tied: bool = True  # head weight is the token embedding
+    nominal_params: int = 0  # arch "nominal": the count itself
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn(self) -> int:
+        return self.intermediate or 4 * self.n_embd
+
+    @staticmethod
+    def from_config(cfg: Config) -> ModelShape:
+        return ModelShape("gpt", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head, 4 * cfg.n_embd,
+                          cfg.vocab_size, cfg.block_size, cfg.bias, tied=True)
+
+    def num_params(self) -> int:
+        return sum(p.numel for p in param_specs(self))
+
+
+# Presets: published dimensions. LLaMA-2 7B (hidden 4096, 32 layers, SwiGLU 11008, 32 heads, vocab 32000) has
+# 6.74e9 parameters and LLaMA-2 70B (8192, 80 layers, 28672, 64 heads of which 8 key/value) 68.98e9: the
+# seed's "7B" and "70B" are round numbers, reproduced exactly by the nominal presets "7b" and "70b".
+PRESETS = {
+    "llama-7b": ModelShape("llama", 32, 4096, 32, 32, 11008, 32000, 0, bias=False, tied=False),
+    "llama-13b": ModelShape("llama", 40, 5120, 40, 40, 13824, 32000, 0, bias=False, tied=False),
+    "llama-70b": ModelShape("llama", 80, 8192, 64, 8, 28672, 32000, 0, bias=False, tied=False),
+    "gpt2": ModelShape("gpt", 12, 768, 12, 12, 3072, 50257, 1024),
+    "gpt2-xl": ModelShape("gpt", 48, 1600, 25, 25, 6400, 50257, 1024),
+    "7b": ModelShape("nominal", nominal_params=7 * 10**9),
+    "70b": ModelShape("nominal", nominal_params=70 * 10**9),
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor: its name, shape, and for a block linear the LoRA target name it answers to."""
+    name: str
+    shape: tuple
+    target: str = ""  # q_proj ... fc_out for block linears (LLaMA's are mapped onto these names)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def param_specs(shape: ModelShape) -> list[ParamSpec]:
+    """Every parameter tensor, the tied head counted once: the list `GPT(cfg).parameters()` yields."""
+    if shape.arch == "nominal":
+        return [ParamSpec("all", (shape.nominal_params,))]
+    C, V, L = shape.n_embd, shape.vocab_size, shape.n_layer
+    specs = [ParamSpec("wte.weight", (V, C))]
+    if shape.arch == "gpt":
+        specs.append(ParamSpec("wpe.weight", (shape.block_size, C)))
+    for i in range(L):
+        b = f"blocks.{i}."
+        norms = ("ln_1", "ln_2") if shape.arch == "gpt" else ("input_norm", "post_attention_norm")
+        kv = shape.kv_heads * (C // shape.n_head)  # width of k and v: fewer heads under grouped-query attention
+        if shape.arch == "gpt":
+            linears = [("attn.q_proj", C, C, "q_proj"), ("attn.k_proj", C, C, "k_proj"), ("attn.v_proj", C, C, "v_proj"),
+                       ("attn.out_proj", C, C, "out_proj"), ("mlp.fc_in", C, shape.ffn, "fc_in"),
+                       ("mlp.fc_out", shape.ffn, C, "fc_out")]
+        else:  # LLaMA: the gate and up projections both answer to fc_in, down to fc_out
+            linears = [("attn.q_proj", C, C, "q_proj"), ("attn.k_proj", C, kv, "k_proj"), ("attn.v_proj", C, kv, "v_proj"),
+                       ("attn.o_proj", C, C, "out_proj"), ("mlp.gate_proj", C, shape.ffn, "fc_in"),
+                       ("mlp.up_proj", C, shape.ffn, "fc_in"), ("mlp.down_proj", shape.ffn, C, "fc_out")]
+        specs += _norm(shape, b + norms[0]) + _norm(shape, b + norms[1])
+        for path, fan_in, fan_out, target in linears:
+            specs.append(ParamSpec(b + path + ".weight", (fan_out, fan_in), target))
+            if shape.bias and shape.arch == "gpt":
+                specs.append(ParamSpec(b + path + ".bias", (fan_out,)))
+    specs += _norm(shape, "ln_f" if shape.arch == "gpt" else "norm")
+    if not shape.tied:
+        specs.append(ParamSpec("lm_head.weight", (V, C)))
+    return specs
+
+
+def _norm(shape: ModelShape, name: str) -> list[ParamSpec]:
+    specs = [ParamSpec(name + ".weight", (shape.n_embd,))]
+    if shape.arch == "gpt" and shape.bias:  # LayerNorm(bias=...); RMSNorm has no bias
+        specs.append(ParamSpec(name + ".bias", (shape.n_embd,)))
+    return specs
+
+
+# --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """What besides the shape decides memory: the Config's keys, with device and dtype resolved."""
+    cfg: Config
+    device: str  # "cpu" | "cuda" | "mps"
+    act_bytes: int  # bytes per element of autocast activations: 4 (fp32) or 2 (bf16/fp16)
+
+    @staticmethod
+    def from_config(cfg: Config, cuda_available: bool = False) -> Run:
+        device = cfg.device if cfg.device != "auto" else ("cuda" if cuda_available else "cpu")
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return Run(cfg, device, DTYPE_BYTES[dtype])
+
+    @property
+    def mode(self) -> str:  # pretraining and full fine-tuning train the same tensors
+        return "full" if self.cfg.finetune in ("none", "full") else self.cfg.finetune
+
+    @property
+    def adapter_bytes(self) -> int:  # LoRA adapters: the base's fp32; QLoRA's: the compute dtype
+        return self.act_bytes if self.mode == "qlora" else 4
+
+
+def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    """Bytes of one NF4 weight as nanoft.quant.Linear4bit stores it: two 4-bit codes per byte, one absmax per
+    block (fp32; or, double-quantized, one byte per block plus an fp32 scale per 256 blocks and an fp32 offset),
+    and the 16-entry fp32 code table (plus the 256-entry nested table when double-quantized)."""
+    blocks = math.ceil(numel / blocksize)
+    codes = math.ceil(numel / 2) + 16 * 4
+    if not double_quant:
+        return codes + 4 * blocks
+    return codes + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4
+
+
+def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamSpec, int]], int]:
+    """([(trainable tensor, bytes per element)], bytes of everything frozen) for the run's mode."""
+    specs = param_specs(shape)
+    cfg = run.cfg
+    if run.mode == "full":
+        return [(p, 4) for p in specs], 0
+    if shape.arch == "nominal":
+        raise ValueError("LoRA and QLoRA need the layer shapes: give --shape or dimensions, not only --params")
+    trainable, frozen = [], 0
+    for p in specs:
+        if run.mode == "qlora" and p.target and len(p.shape) == 2:  # every block linear becomes NF4
+            frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant)
+        else:
+            frozen += 4 * p.numel
+        if p.target in cfg.lora_targets and len(p.shape) == 2:
+            out_f, in_f = p.shape
+            trainable += [(ParamSpec(p.name.replace(".weight", ".lora_A"), (cfg.lora_r, in_f)), run.adapter_bytes),
+                          (ParamSpec(p.name.replace(".weight", ".lora_B"), (out_f, cfg.lora_r)), run.adapter_bytes)]
+    return trainable, frozen
+
+
+def state_bytes(p: ParamSpec, elem: int, cfg: Config) -> int:
+    """Optimizer state of one trainable tensor, exactly as nanoft.optim.make_optimizer's optimizer keeps it."""
+    n = p.numel
+    if cfg.optimizer == "adamw":
+        return 2 * n * elem + 4  # torch.optim.AdamW: exp_avg, exp_avg_sq at the parameter's dtype; a 0-dim fp32 step
+    if cfg.optimizer == "paged_adamw":
+        return 2 * n * 4  # fp32 exp_avg, exp_avg_sq (host memory); the step count is a Python int
+    if cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        if n < cfg.min_8bit_size:
+            return 2 * n * 4  # small tensors keep fp32 moments
+        return 2 * n + 2 * 4 * math.ceil(n / 256)  # uint8 codes for m and v, one fp32 absmax per 256 for each
+    if cfg.optimizer == "adafactor":  # make_optimizer gives it no beta1: no first moment
+        if p.name == "all":
+            raise ValueError("Adafactor's factored states need the matrix shapes: give --shape or dimensions")
+        if len(p.shape) >= 2:  # row statistics (one per row) + column statistics (one per column)
+            return 4 * (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1])
+        return 4 * n
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def static_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
+    """{'params', 'grads', 'states', 'states_host', 'n_params', 'n_trainable'}: the exact rows."""
+    trainable, frozen = trainable_and_frozen(shape, run)
+    params = frozen + sum(p.numel * e for p, e in trainable)
+    grads = sum(p.numel * e for p, e in trainable)
+    states = sum(state_bytes(p, e, run.cfg) for p, e in trainable)
+    paged = run.cfg.optimizer.startswith("paged")
+    return {"params": params, "grads": grads, "states": 0 if paged else states, "states_host": states if paged else 0,
+            "n_params": shape.num_params(), "n_trainable": sum(p.numel for p, _ in trainable)}
+
+
+# --- activations: what autograd saves for backward ------------------------------------------------------
+
+class _Saved:
+    """A ledger of the tensors autograd keeps, keyed by name so that one tensor saved by several ops (the
+    LayerNorm output that q, k and v all read) is counted once, as memory is. Parameters cost nothing here."""
+
+    def __init__(self, run: Run, shape: ModelShape):
+        self.run, self.shape = run, shape
+        self.bytes: dict[str, int] = {}
+        self.N = run.cfg.batch_size * run.cfg.block_size  # tokens per micro-batch
+        self.autocast = run.act_bytes < 4
+
+    def save(self, key: str, nbytes: int) -> None:
+        self.bytes[key] = nbytes
+
+    def mask_bytes(self, elem: int) -> int:  # dropout masks: bool on CUDA, the input's dtype on CPU
+        return elem if self.run.device == "cpu" else 1
+
+    def layernorm(self, key: str, x: tuple, w_trainable: bool) -> tuple:
+        """LayerNorm/RMSNorm (fp32 under autocast): saves its input and per-token mean/rstd when it needs grad."""
+        name, width, _, rg = x
+        if rg or w_trainable:
+            self.save(name, self.N * width * 4)
+            self.save(key + ".stats", self.N * 4 * (2 if self.shape.arch == "gpt" else 1))
+        return (key + ".out", width, 4, rg or w_trainable)
+
+    def linear(self, key: str, x: tuple, fan_out: int, w_trainable: bool, w_elem: int = 4) -> tuple:
+        """y = x W^T: the weight's gradient needs x, the input's gradient needs W. Under autocast each linear
+        casts its input (and its weight) to the low dtype itself, so those copies are separate tensors."""
+        name, width, elem, rg = x
+        s = self.run.act_bytes if self.autocast else elem
+        if w_trainable:
+            self.save(name if s == elem else f"{key}.in_cast", self.N * width * s)
+        if rg and self.autocast and w_elem != s:
+            self.save(f"{key}.w_cast", width * fan_out * s)  # the cast copy of a parameter
+        return (key + ".out", fan_out, s, rg or w_trainable)
+
+    def dropout(self, key: str, x: tuple, p: float) -> tuple:
+        name, width, elem, rg = x
+        if p <= 0:
+            return x
+        if rg:
+            self.save(key + ".mask", self.N * width * self.mask_bytes(elem))
+        return (key + ".out", width, elem, rg)
+
+    def pointwise(self, key: str, x: tuple, width: int | None = None) -> tuple:
+        """GELU / SiLU / a product: saves its input(s) when they need grad."""
+        name, w, elem, rg = x
+        if rg:
+            self.save(name, self.N * w * elem)
+        return (key + ".out", width or w, elem, rg)
+
+
+def _lora_linear(led: _Saved, key: str, x: tuple, fan_out: int, target: str, trainable_base: bool) -> tuple:
+    """A block linear: plain, or wrapped by LoRA (frozen base + dropout -> A -> B), as nanoft.lora runs it."""
+    run = led.run
+    w_elem = 4 if run.mode != "qlora" else run.act_bytes  # QLoRA dequantizes into the compute dtype
+    if run.mode == "qlora":  # Linear4bit: the dequantized weight is saved for the input's gradient
+        out = led.linear(key, x, fan_out, False, w_elem=led.run.act_bytes + 1)
+        if x[3]:
+            led.save(f"{key}.w_deq", x[1] * fan_out * run.act_bytes)
+    else:
+        out = led.linear(key, x, fan_out, trainable_base)
+    if run.mode == "full" or target not in run.cfg.lora_targets:
+        return out
+    d = led.dropout(key + ".lora_drop", x, run.cfg.lora_dropout)
+    if d[2] != run.adapter_bytes:  # .to(lora_A.dtype): a copy, saved by A's linear
+        d = (key + ".lora_in", d[1], run.adapter_bytes, d[3])
+    h = led.linear(key + ".lora_A", d, run.cfg.lora_r, True, run.adapter_bytes)
+    led.linear(key + ".lora_B", h, fan_out, True, run.adapter_bytes)
+    return out[:3] + (True,)
+
+
+def _block(led: _Saved, i: int, x: tuple) -> tuple:
+    """One block's saved tensors, op by op, following nanoft.model.Block.forward (LLaMA: its usual layout)."""
+    shape, run = led.shape, led.run
+    full = run.mode == "full"
+    C, nh, T = shape.n_embd, shape.n_head, run.cfg.block_size
+    kv = shape.kv_heads * (C // nh)
+    p = run.cfg.dropout
+    b = f"b{i}."
+    h = led.layernorm(b + "ln_1", x, full)
+    q = _lora_linear(led, b + "q", h, C, "q_proj", full)
+    k = _lora_linear(led, b + "k", h, kv, "k_proj", full)
+    v = _lora_linear(led, b + "v", h, kv, "v_proj", full)
+    if shape.arch == "llama":  # RoPE writes rotated copies of q and k: those are what attention saves
+        q, k = (b + "q_rot",) + q[1:], (b + "k_rot",) + k[1:]
+    s = q[2]
+    rg = q[3] or k[3] or v[3]
+    if rg and (p == 0 or run.device != "cpu"):  # flash / memory-efficient SDPA: q, k, v, out, logsumexp
+        for t in (q, k, v):
+            led.save(t[0], led.N * t[1] * s)
+        led.save(b + "sdpa.lse", led.N * nh * 4)
+        led.save(b + "sdpa.out", led.N * C * s)
+        y = (b + "sdpa.out", C, s, True)
+    elif rg:  # dropout on CPU takes the math path: copies of q, k, v and the (T x T) attention, its mask
+        B = run.cfg.batch_size
+        led.save(b + "sdpa.qkv", led.N * (C + 2 * kv) * s)
+        led.save(b + "sdpa.attn", 2 * B * nh * T * T * s + B * nh * T * T * led.mask_bytes(s))
+        y = (b + "sdpa.y", C, s, True)
+    else:
+        y = (b + "sdpa.y", C, s, False)
+    y = _lora_linear(led, b + "out", y, C, "out_proj", full)
+    y = led.dropout(b + "resid_drop", y, p)
+    x = (b + "x1", C, 4, x[3] or y[3])  # the residual stream stays fp32
+    h = led.layernorm(b + "ln_2", x, full)
+    if shape.arch == "gpt":
+        u = _lora_linear(led, b + "fc_in", h, shape.ffn, "fc_in", full)
+        g = led.pointwise(b + "gelu", u)
+    else:  # SwiGLU: down(silu(gate(h)) * up(h))
+        gate = _lora_linear(led, b + "gate", h, shape.ffn, "fc_in", full)
+        up = _lora_linear(led, b + "up", h, shape.ffn, "fc_in", full)
+        g = led.pointwise(b + "silu", gate)
+        led.pointwise(b + "mul_up", up)
+        g = led.pointwise(b + "mul", g)
+    y = _lora_linear(led, b + "fc_out", g, C, "fc_out", full)
+    y = led.dropout(b + "mlp_drop", y, p)
+    return (f"b{i + 1}.x", C, 4, x[3] or y[3])
+
+
+def activation_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
+    """Bytes autograd saves for backward in one micro-batch, from nanoft.model.GPT.forward:
+
+        embeddings   token ids (and position ids) for the embedding's gradient; the dropout mask
+        per block    LayerNorm inputs and mean/rstd; the linear layers' inputs (autocast: bf16 copies, one per
+                     linear, and bf16 copies of the weights); q, k, v, the attention output and its logsumexp;
+                     the MLP input and GELU's input and output; LoRA's dropped input and rank-r bottleneck
+        head         ln_f's input, lm_head's input, the fp32 log-softmax of the logits (cross-entropy), targets
+
+    Frozen paths save less: a linear whose weight is frozen saves only its (parameter) weight, and nothing
+    upstream of the first trainable tensor needs grad at all. With gradient checkpointing the forward keeps
+    only each block's input, and backward recomputes one block at a time: its saved tensors come back
+    (`recompute`) while the others stay as inputs. Returns {'forward', 'per_block', 'recompute', 'peak'}."""
+    if shape.arch == "nominal":
+        return {"forward": 0, "per_block": 0, "recompute": 0, "peak": 0}
+    led = _Saved(run, shape)
+    full = run.mode == "full"
+    C, T = shape.n_embd, run.cfg.block_size
+    if full:
+        led.save("idx", led.N * 8)
+        if shape.arch == "gpt":
+            led.save("pos", T * 8)
+    x = led.dropout("emb_drop", ("b0.x", C, 4, full), run.cfg.dropout if shape.arch == "gpt" else 0.0)
+    x = ("b0.x",) + x[1:]
+    ckpt = run.cfg.gradient_checkpointing
+    blocks = []
+    for i in range(shape.n_layer):
+        before = dict(led.bytes)
+        x_in = x
+        x = _block(led, i, x)
+        added = {k: v for k, v in led.bytes.items() if k not in before}
+        blocks.append(sum(v for k, v in added.items() if k != x_in[0]))
+        if ckpt:  # forget the block's own tensors; keep its input (checkpoint saves it whatever it needs)
+            led.bytes = before
+            led.save(x_in[0], led.N * C * 4)
+    h = led.layernorm("ln_f", x, full)
+    led.linear("lm_head", h, shape.vocab_size, full)
+    led.save("log_softmax", led.N * shape.vocab_size * 4)  # cross-entropy in fp32: (B*T, vocab)
+    led.save("targets", led.N * 8 + 4)  # and nll_loss's total weight, a 0-dim fp32
+    forward = sum(led.bytes.values())
+    recompute = max(blocks) if ckpt else 0
+    return {"forward": forward, "per_block": max(blocks), "recompute": recompute, "peak": forward + recompute}
+
+
+# --- the peak: the moment in a step when the most is alive --------------------------------------------
+
+def scratch_bytes(trainable: list[tuple[ParamSpec, int]], run: Run) -> int:
+    """Optimizer temporaries during step() (approximate): torch's AdamW on CPU updates one tensor at a time and
+    makes two fp32 temporaries of it (sqrt(v), then / bias correction); on CUDA the foreach path makes one for
+    all tensors at once. nanoft's 8-bit and Adafactor updates also work tensor by tensor."""
+    if not trainable:
+        return 0
+    biggest = max(p.numel for p, _ in trainable)
+    if run.cfg.optimizer == "adamw" and run.device == "cuda":
+        return 0  # make_optimizer asks for the fused CUDA kernel: it updates in place
+    if run.cfg.optimizer.startswith("paged") and run.device == "cuda":  # about three pages of states visit the GPU
+        per_elem = 8 if run.cfg.optimizer == "paged_adamw" else 2
+        return 3 * per_elem * min(run.cfg.page_size, biggest) + 2 * 4 * biggest
+    return 2 * 4 * biggest
+
+
+def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
+    """The whole estimate: the exact rows, the activations, and the peak over the moments of one step.
+
+    Between steps memory holds parameters and optimizer states (gradients too while micro-batches accumulate:
+    zero_grad(set_to_none) frees them after step()), the batch, and the logits that train.py's `_, loss = model(..)`
+    keeps until the next forward returns. On top of that, the peak is the largest of:
+      loss backward  all activations + cross-entropy's two (B*T, vocab) fp32 gradients
+      head backward  activations less the log-softmax + the logits' gradient + lm_head's weight gradient
+      end of backward / optimizer step   every gradient + the embedding's dense gradient / optimizer scratch
+    """
+    st = static_bytes(shape, run)
+    act = activation_bytes(shape, run)
+    cfg = run.cfg
+    N, V, C = cfg.batch_size * cfg.block_size, shape.vocab_size, shape.n_embd
+    trainable, _ = trainable_and_frozen(shape, run)
+    s = run.act_bytes
+    logits = N * V * s if shape.arch != "nominal" else 0
+    batch = 2 * N * 8 if shape.arch != "nominal" else 0
+    # on a CPU the host is the device: a paged optimizer's states are in the same memory
+    base = st["params"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
+    g_prev = st["grads"] if cfg.grad_accum > 1 else 0
+    head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
+    moments = {
+        "loss backward": g_prev + act["peak"] + 2 * N * V * 4,
+        "head backward": g_prev + act["peak"] - N * V * 4 + N * V * s + head_grad + N * C * s,
+        "end of backward": st["grads"] + head_grad + act["peak"] - act["forward"],
+        "optimizer step": st["grads"] + scratch_bytes(trainable, run),
+    }
+    if shape.arch == "nominal":  # no dimensions: only the per-parameter rows
+        moments = {"no dimensions (parameters + gradients + states only)": st["grads"]}
+    worst = max(moments, key=moments.get)
+    total = base + moments[worst]
+    return {**st, "activations": act["peak"], "act_forward": act["forward"], "act_recompute": act["recompute"],
+            "logits": logits, "transient": total - st["params"] - st["states"] - st["grads"] - act["peak"],
+            "total": total, "peak_moment": worst, "seed_rule": 16 * st["n_params"]}
+
+
+def seed_rule_bytes(n_params: int) -> int:
+    """Seed 001's full fine-tune estimate without activations: 4 (weights) + 4 (grads) + 8 (Adam) bytes/param."""
+    return 16 * n_params
