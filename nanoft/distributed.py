@@ -1,9 +1,34 @@
-"""Data-parallel training with PyTorch's own engine, started by torchrun.
+"""Data-parallel (DDP) and sharded (FSDP2) training with PyTorch's own engine, started by torchrun.
 
-    torchrun --nproc_per_node=2 train.py configs/tiny.py
+    torchrun --nproc_per_node=2 train.py configs/tiny.py                # DDP: a full model per rank
+    torchrun --nproc_per_node=2 train.py configs/tiny.py --fsdp=True    # FSDP2: each rank holds 1/N of it
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process and every
-function here is a no-op. DDP keeps a full model per rank and all-reduces gradients in backward.
+torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a
+single process and every function here is a no-op (a plain `python train.py` run is unchanged).
+
+DDP (data parallel). Every rank holds the whole model and optimizer, reads different rows of each batch
+(`nanoft.data.Batches` gives rank r rows [r*B, (r+1)*B) of a global batch of B * world_size rows) and, in
+backward, all-reduces (averages) the gradients, so every rank takes the same optimizer step. Each rank's
+loss is the mean over its B rows, so with equal rows per rank the averaged gradient is exactly the
+gradient of the mean loss over the global batch: 2 ranks of batch_size B train like 1 process of 2B.
+With gradient accumulation the all-reduce runs only on the last micro-step (`sync_gradients`).
+
+FSDP2 (`fsdp=True`, PyTorch's `fully_shard`; DeepSpeed calls the same idea ZeRO-3). Every parameter of each
+transformer block, and of the rest of the model, is split in N pieces along its first dimension (a
+DTensor); each rank keeps one piece, and its gradients and optimizer state for that piece only. Before a
+block runs, its pieces are all-gathered into the full weights; after, they are freed; in backward the
+gradients are reduce-scattered, so each rank gets the averaged gradient of its own piece. Memory per rank
+for parameters + gradients + Adam states is about 1/N of the model's, at the cost of those collectives.
+Unlike DDP, the gradients are reduce-scattered on every micro-step of gradient accumulation: skipping it
+would keep a full-size gradient on every rank, which is exactly the memory sharding exists to save.
+
+Checkpoints stay one plain file: `full_state_dict` gathers full weights and optimizer state to rank 0,
+which writes the same safetensors checkpoint a single process writes; `load_optimizer_state` cuts a full
+state back into this rank's shards. So a checkpoint moves freely between 1 process, DDP and FSDP.
+
+What must match when resuming: the *global* batch, batch_size * world_size (times grad_accum). The data
+position is counted in global batches, so a 2-rank run with batch_size=4 continues exactly in one process
+with batch_size=8 (or in 2 ranks with batch_size=4 again).
 """
 from __future__ import annotations
 
@@ -13,7 +38,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+
+# Optimizers that work on sharded parameters. torch.optim.AdamW is element-wise and DTensor-aware: each
+# rank updates its own shard. The others compute over whole tensors, not per element: adamw8bit and
+# paged_adamw8bit quantize state in blocks of the flattened full tensor, the paged ones page whole state
+# tensors between host and GPU, and Adafactor keeps row and column statistics of the full matrix.
+FSDP_OPTIMIZERS = ("adamw",)
+FSDP_FINETUNE = ("none", "full")  # LoRA/QLoRA train a small adapter: DDP is the tool for them
 
 
 @dataclass(frozen=True)
@@ -21,6 +53,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    fsdp: bool = False  # the model is sharded (only ever True with world_size > 1)
 
     @property
     def enabled(self) -> bool:
@@ -31,11 +64,28 @@ class Dist:
         return self.rank == 0  # only rank 0 logs, samples and writes checkpoints
 
 
-def setup(device: str) -> Dist:
+def check_fsdp(cfg) -> None:
+    """A one-line ValueError for what sharded training does not support, before any work is done."""
+    if not cfg.fsdp:
+        return
+    if cfg.optimizer not in FSDP_OPTIMIZERS:
+        raise ValueError(
+            f"fsdp=True supports optimizer={' or '.join(FSDP_OPTIMIZERS)}, not {cfg.optimizer}: its state is "
+            f"computed over whole tensors, and fsdp gives each rank a shard (use DDP, fsdp=False, for {cfg.optimizer})")
+    if cfg.finetune not in FSDP_FINETUNE:
+        raise ValueError(f"fsdp=True supports finetune=none or full, not {cfg.finetune}: "
+                         "adapters are small, train them with DDP (fsdp=False)")
+
+
+def setup(device: str, cfg) -> Dist:
     """Join the process group torchrun describes: NCCL for CUDA, gloo for CPU."""
+    check_fsdp(cfg)
     if "RANK" not in os.environ:
-        return Dist()
+        return Dist()  # a single process: fsdp=True changes nothing (one shard is the whole model)
     d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    d = Dist(d.rank, d.local_rank, d.world_size, fsdp=cfg.fsdp and d.enabled)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(d.local_rank)  # NCCL collectives run on the current device
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return d
 
@@ -44,8 +94,30 @@ def device_for(d: Dist, device: str) -> str:
     return f"cuda:{d.local_rank}" if d.enabled and device == "cuda" else device
 
 
+def place(model: nn.Module, d: Dist, device: str) -> nn.Module:
+    """Move the model to its device; with fsdp, shard it on the way, so no rank ever holds all of it there.
+
+    fully_shard is applied to each block, then to the root (embeddings, final LayerNorm, the tied head):
+    each call makes one group of parameters that is all-gathered and freed together. It moves each group
+    to the device, splits every parameter into world_size pieces along dim 0 and keeps this rank's piece;
+    the model's class becomes an FSDP subclass in place, so `model` is still the GPT. Every rank built the
+    same initial weights from the same seed, so the pieces fit together (fully_shard does not broadcast).
+    The optimizer must be made after this call: it must hold the sharded parameters."""
+    if not d.fsdp:
+        return model.to(device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.split(":")[0], (d.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def wrap(model: nn.Module, d: Dist, device: str) -> nn.Module:
-    if not d.enabled:
+    """DDP around the (possibly compiled) model; a sharded model needs no wrapper."""
+    if not d.enabled or d.fsdp:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -59,17 +131,72 @@ def unwrap(model: nn.Module) -> nn.Module:
 def sync_gradients(model: nn.Module, last_micro_step: bool):
     """Skip DDP's all-reduce on every micro-step but the last of a gradient-accumulation step."""
     if hasattr(model, "no_sync") and not last_micro_step:
-        return model.no_sync()
+        return model.no_sync()  # gradients accumulate locally; the last backward all-reduces their sum
     return contextlib.nullcontext()
 
 
-def mean_across_ranks(value: torch.Tensor, d: Dist) -> torch.Tensor:
+def mean_across_ranks(value: Tensor, d: Dist) -> Tensor:
+    """The mean of a tensor over ranks (every rank must call). SUM then divide: gloo has no ReduceOp.AVG."""
     if d.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-        if dist.get_backend() != "nccl":
-            value /= d.world_size  # gloo has no AVG
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
     return value
+
+
+def _full(value, keep: bool):
+    """A full tensor from a shard (an all-gather: every rank must call, in the same order), on the CPU
+    where rank 0 keeps it; other ranks drop theirs at once. Anything not a DTensor passes through."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    if not keep:
+        return None
+    return value.detach().cpu() if isinstance(value, Tensor) else value
+
+
+def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict]:
+    """(weights, optimizer state) as a single process has them, on rank 0; ({}, {}) elsewhere.
+
+    With fsdp every rank must call this: each sharded tensor is all-gathered. The result has the keys of
+    `model.state_dict()` and `optimizer.state_dict()` (integer parameter ids), so it is saved and loaded
+    exactly like a single process's checkpoint. Without fsdp, rank 0 already holds everything."""
+    if not d.fsdp:
+        return (model.state_dict(), optimizer.state_dict()) if d.is_master else ({}, {})
+    keep = d.is_master
+    params = dict(model.named_parameters(remove_duplicate=False))
+    gathered: dict[int, Tensor] = {}  # id(parameter) -> full tensor: the tied head and embedding stay one
+    weights = {}
+    for name, value in model.state_dict().items():
+        key = id(params.get(name, value))
+        if key not in gathered:
+            gathered[key] = _full(value, keep)
+        weights[name] = gathered[key]
+    state = optimizer.state_dict()
+    optim = {"state": {i: {k: _full(v, keep) for k, v in slots.items()} for i, slots in state["state"].items()},
+             "param_groups": state["param_groups"]}
+    return (weights, optim) if keep else ({}, {})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    """Load a full optimizer state (from any world size); with fsdp each rank keeps its shard of it.
+
+    Parameter ids follow the optimizer's parameter order, which is the same however the run is launched.
+    A state tensor shaped like its (sharded) parameter is cut the way the parameter was, locally."""
+    if d.fsdp:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {"state": {int(i): dict(slots) for i, slots in state["state"].items()},
+                 "param_groups": state["param_groups"]}
+        for i, slots in state["state"].items():
+            p = params[i]
+            for k, v in slots.items():
+                if isinstance(p, DTensor) and isinstance(v, Tensor) and v.shape == p.shape:
+                    # src_data_rank=None: every rank holds the full tensor already; no communication
+                    slots[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    optimizer.load_state_dict(state)
 
 
 def barrier(d: Dist) -> None:
