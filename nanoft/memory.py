@@ -84,6 +84,16 @@ def _state_tensors(optimizer: torch.optim.Optimizer):
         yield from walk(state)
 
 
+def _nf4_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors inside QLoRA's NF4 weights (nanoft.quant.NF4Tensor is neither a Parameter nor a buffer)."""
+    out = []
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "state", None)
+        if state is not None and hasattr(state, "packed"):
+            out += [state.packed, state.absmax, state.offset, state.nested_absmax]
+    return [t for t in out if t is not None]
+
+
 def _is_paged(optimizer: torch.optim.Optimizer) -> bool:
     return "Paged" in type(optimizer).__name__
 
@@ -93,7 +103,7 @@ def exact_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> di
     NF4 codes and scales included), of .grad, and of optimizer.state. A paged optimizer's states live in host
     memory: on a CUDA run that is every state tensor on the CPU; on a CPU run host and device are one memory,
     so its states are reported as host (what they would be on a GPU) and counted once in the total."""
-    params = _storage_bytes(list(model.parameters()) + list(model.buffers()))
+    params = _storage_bytes(list(model.parameters()) + list(model.buffers()) + _nf4_tensors(model))
     grads = _storage_bytes(p.grad for p in model.parameters())
     states = list(_state_tensors(optimizer)) if optimizer is not None else []
     if optimizer is not None and _is_paged(optimizer):
@@ -188,7 +198,7 @@ def saved_activation_bytes(model: nn.Module, run: Run, gen: torch.Generator) -> 
     parameters), summed by a saved_tensors_hooks pack hook. With gradient checkpointing the forward saves only
     block inputs; what one block's recompute saves is then measured by running the forward once more without
     checkpointing and taking the largest block (its input excluded: checkpointing already keeps it)."""
-    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + _nf4_tensors(model)}
 
     def forward_saved() -> tuple[int, list[int]]:
         seen: dict[int, int] = {}

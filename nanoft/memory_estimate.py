@@ -157,14 +157,14 @@ class Run:
 
 
 def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
-    """Bytes of one NF4 weight as nanoft.quant.Linear4bit stores it: two 4-bit codes per byte, one absmax per
-    block (fp32; or, double-quantized, one byte per block plus an fp32 scale per 256 blocks and an fp32 offset),
-    and the 16-entry fp32 code table (plus the 256-entry nested table when double-quantized)."""
+    """Bytes of one NF4 weight as nanoft.quant.NF4Tensor stores it: two 4-bit codes per byte and one absmax per
+    block, fp32; or, double-quantized, one byte per block plus an fp32 scale per 256 blocks and an fp32 offset.
+    (The 16-entry NF4 table and the 256-entry nested map are shared by all layers, not stored per weight.)"""
     blocks = math.ceil(numel / blocksize)
-    codes = math.ceil(numel / 2) + 16 * 4
+    codes = math.ceil(numel / 2)
     if not double_quant:
         return codes + 4 * blocks
-    return codes + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4
+    return codes + blocks + 4 * math.ceil(blocks / 256) + 4
 
 
 def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamSpec, int]], int]:
@@ -275,11 +275,8 @@ class _Saved:
 def _lora_linear(led: _Saved, key: str, x: tuple, fan_out: int, target: str, trainable_base: bool) -> tuple:
     """A block linear: plain, or wrapped by LoRA (frozen base + dropout -> A -> B), as nanoft.lora runs it."""
     run = led.run
-    w_elem = 4 if run.mode != "qlora" else run.act_bytes  # QLoRA dequantizes into the compute dtype
-    if run.mode == "qlora":  # Linear4bit: the dequantized weight is saved for the input's gradient
-        out = led.linear(key, x, fan_out, False, w_elem=led.run.act_bytes + 1)
-        if x[3]:
-            led.save(f"{key}.w_deq", x[1] * fan_out * run.act_bytes)
+    if run.mode == "qlora":  # Linear4bit's autograd Function saves nothing: backward dequantizes W again
+        out = (key + ".out", fan_out, run.act_bytes, x[3])
     else:
         out = led.linear(key, x, fan_out, trainable_base)
     if run.mode == "full" or target not in run.cfg.lora_targets:
@@ -433,7 +430,7 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     worst = max(moments, key=moments.get)
     total = base + moments[worst]
     return {**st, "activations": act["peak"], "act_forward": act["forward"], "act_recompute": act["recompute"],
-            "logits": logits, "transient": total - st["params"] - st["states"] - st["grads"] - act["peak"],
+            "logits": logits, "transient": total - (base - logits - batch) - st["grads"] - act["peak"],
             "total": total, "peak_moment": worst, "seed_rule": 16 * st["n_params"]}
 
 
