@@ -205,5 +205,5 @@ def barrier(d: Dist) -> None:
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled:
+    if dist.is_initialized():  # also under torchrun --nproc_per_node=1, where d.enabled is False
         dist.destroy_process_group()
