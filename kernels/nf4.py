@@ -294,12 +294,17 @@ def quantize_nf4_reference(x: Tensor, blocksize: int, bounds: Tensor) -> tuple[T
 
 
 def dequantize_nf4_reference(q: NF4State, dtype: torch.dtype, nf4: Tensor) -> Tensor:
-    n = q.numel
+    n, bs = q.numel, q.blocksize
     absmax = q.absmax
     if q.double_quant:
         absmax = dequantize_blockwise8_reference(
             q.absmax, q.nested_absmax, _default_code(q.device), NESTED_BLOCKSIZE, torch.float32
         ) + q.offset
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[:n]  # (n,) high nibble first
-    scale = absmax.repeat_interleave(q.blocksize)[:n]  # absmax[i // blocksize]
-    return (nf4[codes.long()] * scale).to(dtype).view(q.shape)
+    byte = torch.arange(256, device=q.device)
+    pairs = torch.stack([nf4[byte >> 4], nf4[byte & 0xF]], dim=1)  # (256, 2): a byte's two values, high first
+    values = pairs.index_select(0, q.packed.int()).view(-1)[:n]  # (n,) float32
+    if n % bs == 0:
+        out = values.view(-1, bs) * absmax[:, None]  # (num_blocks, blocksize)
+    else:
+        out = values * absmax.repeat_interleave(bs)[:n]  # absmax[i // blocksize]
+    return out.to(dtype).view(q.shape)
