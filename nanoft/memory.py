@@ -121,8 +121,13 @@ def measured_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     got = exact_bytes(model, optimizer)
     if got["grads"] == 0:  # zero_grad(set_to_none) freed them; backward re-creates exactly these
         got["grads"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    est = peak_bytes(ModelShape.from_config(cfg), Run.from_config(cfg, torch.cuda.is_available())) if cfg else {}
-    lines = [f"memory {'measured':>12} {'estimate':>12}"]
+    est = {}
+    if cfg is not None:
+        try:
+            est = peak_bytes(ModelShape.from_config(cfg), Run.from_config(cfg, torch.cuda.is_available()))
+        except ValueError:
+            pass  # no estimate for this run: the measured column alone
+    lines = [f"{'memory':<20} {'measured':>12} {'estimate' if est else '':>12}"]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("states", "optimizer states"),
                        ("states_host", "  in host memory")):
         if key == "states_host" and not got[key] and not est.get(key):

@@ -156,7 +156,7 @@ class Run:
         return self.act_bytes if self.mode == "qlora" else 4
 
 
-def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+def nf4_bytes(numel: int, blocksize: int, double_quant: bool, on_cpu: bool = True) -> int:
     """Bytes of one NF4 weight as nanoft.quant.NF4Tensor stores it: two 4-bit codes per byte and one absmax per
     block, fp32; or, double-quantized, one byte per block plus an fp32 scale per 256 blocks and an fp32 offset.
     (The 16-entry NF4 table and the 256-entry nested map are shared by all layers, not stored per weight.)"""
@@ -164,7 +164,11 @@ def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     codes = math.ceil(numel / 2)
     if not double_quant:
         return codes + 4 * blocks
-    return codes + blocks + 4 * math.ceil(blocks / 256) + 4
+    nested = math.ceil(blocks / 256)
+    # quantized on the CPU, the 8-bit absmax is a view of a buffer padded to whole nested blocks of 256
+    # (train.py and apply_lora quantize before model.to(device); moving to a GPU copies only the view)
+    absmax = 256 * nested if on_cpu else blocks
+    return codes + absmax + 4 * nested + 4
 
 
 def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamSpec, int]], int]:
@@ -178,7 +182,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
     trainable, frozen = [], 0
     for p in specs:
         if run.mode == "qlora" and p.target and len(p.shape) == 2:  # every block linear becomes NF4
-            frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant)
+            frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant, run.device == "cpu")
         else:
             frozen += 4 * p.numel
         if p.target in cfg.lora_targets and len(p.shape) == 2:
@@ -191,6 +195,10 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
 def state_bytes(p: ParamSpec, elem: int, cfg: Config) -> int:
     """Optimizer state of one trainable tensor, exactly as nanoft.optim.make_optimizer's optimizer keeps it."""
     n = p.numel
+    if p.name == "all":  # a nominal count: the seed's per-parameter bytes, no per-tensor extras
+        per_param = {"adamw": 2 * elem, "paged_adamw": 8, "adamw8bit": 2 + 8 / 256, "paged_adamw8bit": 2 + 8 / 256}
+        if cfg.optimizer in per_param:
+            return math.ceil(n * per_param[cfg.optimizer])
     if cfg.optimizer == "adamw":
         return 2 * n * elem + 4  # torch.optim.AdamW: exp_avg, exp_avg_sq at the parameter's dtype; a 0-dim fp32 step
     if cfg.optimizer == "paged_adamw":
@@ -419,12 +427,15 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     base = st["params"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
     g_prev = st["grads"] if cfg.grad_accum > 1 else 0
     head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
+    fwd, head_saved = act["forward"], N * V * 4  # the log-softmax goes before any block's backward
     moments = {
-        "loss backward": g_prev + act["peak"] + 2 * N * V * 4,
-        "head backward": g_prev + act["peak"] - N * V * 4 + N * V * s + head_grad + N * C * s,
+        "loss backward": g_prev + fwd + 2 * N * V * 4,
+        "head backward": g_prev + fwd - head_saved + N * V * s + head_grad + N * C * s,
         "end of backward": st["grads"] + head_grad + act["peak"] - act["forward"],
         "optimizer step": st["grads"] + scratch_bytes(trainable, run),
     }
+    if act["recompute"]:  # checkpointing: one block's activations come back, with the gradient flowing through
+        moments["block recompute"] = g_prev + head_grad + fwd - head_saved + act["recompute"] + 2 * N * C * 4
     if shape.arch == "nominal":  # no dimensions: only the per-parameter rows
         moments = {"no dimensions (parameters + gradients + states only)": st["grads"]}
     worst = max(moments, key=moments.get)

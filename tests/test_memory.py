@@ -1,0 +1,146 @@
+"""The memory estimator against the seed's figures, the real model, and measurements of real training steps."""
+import dataclasses
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoft.config import Config, ConfigError
+from nanoft.memory import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
+                           train_step)
+from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes, seed_rule_bytes,
+                                    static_bytes)
+from nanoft.model import GPT
+
+ROOT = Path(__file__).resolve().parent.parent
+# small, but with tensors on both sides of min_8bit_size (4096) and blocks that do not divide evenly
+SMALL = Config(n_layer=2, n_head=4, n_embd=64, vocab_size=500, block_size=32, batch_size=3, grad_accum=2,
+               device="cpu", dtype="float32", lora_r=4)
+
+
+def _static_rows(est: dict) -> dict:
+    return {k: est[k] for k in ("params", "grads", "states", "states_host")}
+
+
+def test_seed_figures_exact():
+    """Seed 001: fp32 AdamW full fine-tune, params + grads + states (activations excluded) = 16 B/param."""
+    run = Run(Config(optimizer="adamw", finetune="full"), "cpu", 4)
+    for name, want in (("7b", 112 * GB), ("70b", 1120 * GB)):
+        est = static_bytes(PRESETS[name], run)
+        assert est["params"] + est["grads"] + est["states"] == want
+        assert seed_rule_bytes(est["n_params"]) == want
+    # the real LLaMA-2 shapes are a little smaller than the round names
+    assert PRESETS["llama-7b"].num_params() == 6_738_415_616
+    assert PRESETS["llama-70b"].num_params() == 68_976_648_192
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(bias=False), dict(n_layer=3, n_embd=96, n_head=3, block_size=17,
+                                                                     vocab_size=1001)])
+def test_param_formula_equals_model(overrides):
+    cfg = dataclasses.replace(SMALL, **overrides)
+    assert ModelShape.from_config(cfg).num_params() == GPT(cfg).num_params()
+
+
+def _measured(cfg: Config) -> tuple[dict, dict]:
+    """(exact bytes after one real step, the estimate)"""
+    run = Run.from_config(cfg)
+    model, opt = build(cfg, "cpu")
+    grads = train_step(model, opt, run, torch.Generator().manual_seed(0), {})
+    got = exact_bytes(model, opt)
+    got["grads"] = grads  # as they were after the last backward, before zero_grad freed them
+    return got, peak_bytes(ModelShape.from_config(cfg), run)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"])
+@pytest.mark.parametrize("finetune", ["full", "lora", "qlora"])
+def test_parameter_gradient_state_bytes_exact(optimizer, finetune):
+    cfg = dataclasses.replace(SMALL, optimizer=optimizer, finetune=finetune)
+    got, est = _measured(cfg)
+    assert _static_rows(est) == _static_rows(got)
+    if optimizer.startswith("paged"):
+        assert est["states"] == 0 and est["states_host"] > 0  # all of it in host memory
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(gradient_checkpointing=True), dict(finetune="lora"), dict(finetune="lora", gradient_checkpointing=True),
+    dict(finetune="qlora", lora_targets=("q_proj", "fc_out"), lora_dropout=0.0), dict(dtype="bfloat16"),
+    dict(dropout=0.1)])
+def test_activation_estimate_matches_saved_tensors(overrides):
+    cfg = dataclasses.replace(SMALL, **overrides)
+    run = Run.from_config(cfg)
+    model, _ = build(cfg, "cpu")
+    got = saved_activation_bytes(model, run, torch.Generator().manual_seed(0))
+    est = activation_bytes(ModelShape.from_config(cfg), run)
+    assert abs(est["peak"] - got["peak"]) <= 0.05 * got["peak"], (est, got)
+    if cfg.gradient_checkpointing:
+        assert got["recompute"] > 0  # one block comes back at a time
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(finetune="lora", gradient_checkpointing=True)])
+def test_total_within_ten_percent_of_cpu_peak(overrides):
+    cfg = dataclasses.replace(SMALL, **overrides)
+    run = Run.from_config(cfg)
+    model, optimizer = build(cfg, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    train_step(model, optimizer, run, gen, {})  # the optimizer states exist from here on
+    alive = exact_bytes(model, optimizer)
+    peak = cpu_peak_bytes(lambda: train_step(model, optimizer, run, gen, {}),
+                          alive["params"] + alive["states"] + alive["states_host"])
+    est = peak_bytes(ModelShape.from_config(cfg), run)
+    assert abs(est["total"] - peak) <= 0.10 * peak, (est["total"], peak)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoft.memory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_estimates_100m_without_allocating_it():
+    r = _cli("configs/100m.py")
+    assert r.returncode == 0, r.stderr
+    assert "total (peak)" in r.stdout and "102.82M parameters" in r.stdout
+    for name in ("adamw8bit", "paged_adamw", "adafactor", "qlora peak"):
+        assert name in r.stdout
+    # the estimate alone stays far below the run it describes (~6 GiB): nothing of the model was allocated
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 2 * 2**30
+
+
+def test_cli_llama_70b():
+    r = _cli("--shape=llama-70b", "--block_size=4096", "--batch_size=1", "--device=cuda")
+    assert r.returncode == 0, r.stderr
+    assert "llama 80 layers x 8192 wide, 68,976.65M parameters" in r.stdout
+
+
+def test_seed_presets_printed(capsys):
+    main(["--shape=70b"])
+    assert "= 1,120.00 GB (decimal)" in capsys.readouterr().out
+    main(["--params=7e9"])
+    assert "= 112.00 GB (decimal)" in capsys.readouterr().out
+
+
+def test_cli_unknown_flag_is_one_clear_line():
+    r = _cli("configs/100m.py", "--bogus=1")
+    assert r.returncode != 0
+    assert "unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["configs/100m.py", "--optimiser=adamw"], "did you mean optimizer"),
+    (["--shape=llama-9b"], "unknown --shape 'llama-9b'"),
+    (["--shape=llama-70b", "--measure"], "--measure builds nanoft's GPT"),
+    (["configs/100m.py", "--steps=x"], "--steps expects int"),
+    (["--params=7e9", "--optimizer=adafactor"], "Adafactor's factored states need the matrix shapes"),
+])
+def test_bad_arguments_raise_clear_errors(args, message):
+    with pytest.raises((ConfigError, MeasureError, ValueError), match=re.escape(message)):
+        main(args)
+
+
+def test_main_measure_prints_both_columns(capsys):
+    main(["configs/tiny.py", "--measure", "--batch_size=1", "--block_size=16", "--n_layer=1", "--vocab_size=256"])
+    out = capsys.readouterr().out
+    assert "measured" in out and "torch.profiler CPU allocator events" in out
