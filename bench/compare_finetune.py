@@ -1,0 +1,133 @@
+"""Full fine-tuning, LoRA and QLoRA side by side, on the same base checkpoint and the embedded speaker task.
+
+    python train.py configs/tiny.py              # the base, out/tiny (once)
+    python bench/compare_finetune.py             # trains configs/full.py, lora.py, qlora.py, prints the table
+    python bench/compare_finetune.py --skip-train        # only re-measure runs already in out/cmp_*
+    python bench/compare_finetune.py --max_iters=20      # any --key=value is passed to every run
+
+Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its own process. Columns:
+  trainable     parameters with requires_grad (nanoft.lora.count_params; NF4 weights count as their elements)
+  optim state   bytes of the optimizer state tensors in the run's final checkpoint (what the run really held)
+  peak tensors  nanoft.memory.measure(cfg): the peak bytes held by torch's allocator over one training step
+                (CPU: torch.profiler allocator events; CUDA: max_memory_allocated), batches of block_size tokens
+  peak RSS      the train.py process's maximum resident set size (os.wait4's ru_maxrss): includes the Python
+                interpreter and torch's libraries (~0.3-0.5 GB), so it differs little between small runs
+  wall          the train.py process, start to exit: startup, training, evaluation and its final scoring
+  score         speaker-task accuracy on the val split (first 300 examples; ranking by log-likelihood,
+                nanoft.sft.score_speaker_task), beside the base checkpoint's score and the majority baseline
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from nanoft import checkpoint  # noqa: E402
+from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
+from nanoft.lora import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
+from nanoft.model import GPT, load_pretrained  # noqa: E402
+from nanoft.sft import load_sft_splits, majority_baseline, score_speaker_task  # noqa: E402
+
+KINDS = ("full", "lora", "qlora")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int]:
+    """Run train.py in a fresh process; (wall seconds, peak RSS bytes) of that process alone."""
+    log = Path(out_dir).with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "train.py", f"configs/{kind}.py", f"--out_dir={out_dir}", *overrides]
+    print(" ".join(cmd[1:]), f"> {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the max over all children
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} run failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
+    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def load_run(out_dir: str) -> tuple[torch.nn.Module, Config, checkpoint.Checkpoint]:
+    """The fine-tuned model of a run, as sample.py would load it (adapters applied to their base)."""
+    ck = checkpoint.load(out_dir)
+    cfg = dataclasses.replace(Config.from_dict(ck.config), dropout=0.0, lora_dropout=0.0)
+    if cfg.finetune in ("lora", "qlora"):
+        model = apply_lora(load_pretrained(cfg, ck.base_from), cfg)
+        load_adapter_state_dict(model, ck.model)
+    else:
+        model = GPT(cfg)
+        checkpoint.load_weights(model, ck.model, out_dir)
+    return model, cfg, ck
+
+
+def optimizer_state_bytes(ck: checkpoint.Checkpoint) -> int:
+    if ck.optim is None:
+        return 0
+    return sum(t.numel() * t.element_size() for slots in ck.optim["state"].values()
+               for t in slots.values() if isinstance(t, torch.Tensor))
+
+
+def peak_tensor_bytes(cfg: Config) -> tuple[int, str]:
+    from nanoft.memory import measure
+
+    got = measure(dataclasses.replace(cfg, init_from="scratch"), steps=1)
+    return got["total"], got["how"]
+
+
+def main(argv: list[str]) -> None:
+    skip_train = "--skip-train" in argv
+    overrides = [a for a in argv if a != "--skip-train"]
+    parse_overrides(overrides)  # fail now on a bad key, not after the first run
+    rows, base_score, baseline, how = [], None, None, ""
+    for kind in KINDS:
+        out_dir = f"out/cmp_{kind}"
+        wall, rss = (None, None) if skip_train else train(kind, out_dir, overrides)
+        model, cfg, ck = load_run(str(ROOT / out_dir))
+        _, val = load_sft_splits(cfg)
+        torch.manual_seed(0)
+        score = score_speaker_task(model, val, "cpu")
+        if base_score is None:  # every config fine-tunes the same base: score it once
+            base = load_pretrained(dataclasses.replace(cfg, finetune="none", dropout=0.0), ck.base_from)
+            base_score, baseline = score_speaker_task(base, val, "cpu"), majority_baseline(val[:300])
+        trainable, total = count_params(model)
+        peak, how = peak_tensor_bytes(load_config(str(ROOT / f"configs/{kind}.py"), overrides))
+        rows.append({"run": kind, "optimizer": cfg.optimizer, "trainable": trainable, "total": total,
+                     "optim_state_bytes": optimizer_state_bytes(ck), "peak_tensor_bytes": peak, "peak_rss_bytes": rss,
+                     "wall_s": wall, "score": score, "steps": ck.step})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\nbase {ck.base_from}: speaker-task score {base_score:.3f}; majority baseline {baseline:.3f} "
+          f"(val split, {min(300, len(val))} examples, {len({e.response for e in val})} speakers)")
+    print(f"peak tensors: {how}; peak RSS: ru_maxrss of each train.py process\n")
+    head = f"{'run':<6} {'optimizer':<16} {'trainable params':>24} {'optim state':>12} {'peak tensors':>13} " \
+           f"{'peak RSS':>10} {'wall':>8} {'score':>6}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        frac = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%)"
+        rss = fmt_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-"
+        wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
+        print(f"{r['run']:<6} {r['optimizer']:<16} {frac:>24} {fmt_bytes(r['optim_state_bytes']):>12} "
+              f"{fmt_bytes(r['peak_tensor_bytes']):>13} {rss:>10} {wall:>8} {r['score']:>6.3f}")
+    lora, qlora = (next(r for r in rows if r["run"] == k) for k in ("lora", "qlora"))
+    print(f"\nQLoRA - LoRA score: {qlora['score'] - lora['score']:+.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
