@@ -149,7 +149,11 @@ class AdamW8bit(torch.optim.Optimizer):
                     state.update(self._init_state(p))
                 state["step"] += 1
                 self._update(p, p.grad.contiguous(), state, group)
+        self._finish_step()
         return loss
+
+    def _finish_step(self) -> None:
+        """Called at the end of every step; the paged subclass waits for its last copies here."""
 
     def _update(self, p: Tensor, g: Tensor, state: dict, group: dict) -> None:
         """Update the whole tensor at once (flat views share p's and the states' memory)."""

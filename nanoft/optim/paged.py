@@ -22,7 +22,7 @@ For 8-bit states a page must cover whole quantization blocks, so page_size is a 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -85,14 +85,11 @@ class PagedAdamW8bit(AdamW8bit):
             self._side_streams[device] = torch.cuda.Stream(device)
         return self._side_streams[device]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = super().step(closure)
+    def _finish_step(self) -> None:
         # the last pages' write-backs are still in flight: wait for them, so the host states are complete when
         # read (state_dict, checkpoint) and the page buffers are released. One CPU-GPU sync point per step.
         for stream in self._side_streams.values():
             stream.synchronize()
-        return loss
 
     def _update(self, p: Tensor, g: Tensor, state: dict, group: dict) -> None:
         host = {name: t.view(-1) for name, t in state.items() if isinstance(t, Tensor)}
