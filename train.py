@@ -26,6 +26,7 @@ from nanoft import checkpoint, distributed
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
 from nanoft.lr import warmup_cosine
+from nanoft.memory import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
 
@@ -165,6 +166,8 @@ def main(argv: list[str]) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             completed = done = step + 1
+            if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist
+                bar.write(measured_breakdown(raw_model, optimizer, cfg))
             last = done == cfg.max_iters
             if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point

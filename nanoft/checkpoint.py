@@ -147,8 +147,21 @@ def load(out_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
     meta_path = out_dir / META_NAME
     if not meta_path.is_file():
         raise CheckpointError(f"no checkpoint in {out_dir} ({META_NAME} not found)")
+    for attempt in range(3):
+        raw = meta_path.read_bytes()
+        try:
+            return _load(out_dir, raw, map_location)
+        except CheckpointError:
+            # a running trainer may have committed a newer checkpoint (and deleted the tensor file
+            # this one points at) while we read: if ckpt.json moved on, read the new one
+            if attempt == 2 or meta_path.read_bytes() == raw:
+                raise
+
+
+def _load(out_dir: Path, raw: bytes, map_location: str) -> Checkpoint:
+    meta_path = out_dir / META_NAME
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -1,0 +1,176 @@
+"""train.py as a user runs it, in subprocesses: learning, bit-exact resume after kill -9, atomic
+checkpoints under kill -9 at random instants, Ctrl-C, sampling, wandb offline logging.
+
+Uses the prepared Shakespeare set (the README's test command prepares it first) and a model small
+enough that a step takes a few milliseconds.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoft import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+         "--warmup_iters=2", "--lr=3e-3", "--device=cpu"]
+
+
+def train_cmd(out_dir, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "configs/tiny.py", f"--out_dir={out_dir}", *SMALL, *extra]
+
+
+def run_train(out_dir, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(out_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def losses_by_step(out_dir) -> dict[int, float]:
+    """The last logged loss of each step (a killed run may have logged a step twice)."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_training_lowers_the_loss_and_samples(tmp_path):
+    r = run_train(tmp_path, "--max_iters=40", "--log_interval=1", "--eval_interval=20", "--save_interval=20")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in records)
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] - 0.5
+    assert "sample:" in r.stdout
+    assert checkpoint.load(tmp_path).step == 40
+    s = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "ROMEO:", "--max_new_tokens=20",
+                        "--seed=1"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    s2 = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "ROMEO:", "--max_new_tokens=20",
+                         "--seed=1"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert s.stdout.startswith("ROMEO:") and len(s.stdout) > len("ROMEO:\n") and s.stdout == s2.stdout
+
+
+def test_resume_after_kill_9_reproduces_every_loss_bit_for_bit(tmp_path):
+    # dropout and gradient accumulation on: the RNG state and data position must both be restored
+    args = ["--max_iters=30", "--log_interval=1", "--eval_interval=10", "--save_interval=10", "--dropout=0.1", "--grad_accum=2"]
+    run_train(tmp_path / "straight", *args)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.exists(out) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    interrupted_at = checkpoint.load(out).step
+    assert 10 <= interrupted_at < 30
+    run_train(out, *args, "--init_from=resume")
+    assert losses_by_step(out) == losses_by_step(tmp_path / "straight")  # exact float equality
+
+
+def test_kill_9_at_random_instants_always_leaves_a_loadable_checkpoint(tmp_path):
+    rng = random.Random(0)
+    args = ["--max_iters=100000", "--log_interval=50", "--eval_interval=100000", "--save_interval=1"]
+    last_step = 0
+    for _ in range(6):
+        extra = ["--init_from=resume"] if checkpoint.exists(tmp_path) else []
+        proc = subprocess.Popen(train_cmd(tmp_path, *args, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while committed_step(tmp_path) <= last_step and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in a step or in the middle of a save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = checkpoint.load(tmp_path).step  # raises if the kill left a torn checkpoint
+        assert step > last_step
+        last_step = step
+        assert len(list(tmp_path.glob("ckpt-*.safetensors"))) <= 2  # at most the committed one and a newer orphan
+
+
+def committed_step(out_dir) -> int:
+    """The step ckpt.json records, read without the tensors (the trainer is still writing)."""
+    try:
+        return json.loads((Path(out_dir) / "ckpt.json").read_text())["step"]
+    except (OSError, ValueError):
+        return -1
+
+
+def test_ctrl_c_saves_and_exits(tmp_path):
+    args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
+    proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saving a checkpoint" in out
+    step = checkpoint.load(tmp_path).step
+    assert step >= 5 and max(losses_by_step(tmp_path)) >= step
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
+    run_train(tmp_path, "--max_iters=2", "--eval_interval=2")
+    r = subprocess.run(train_cmd(tmp_path, "--max_iters=4", "--n_layer=3", "--init_from=resume"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path} has n_layer=2 but the config has n_layer=3"
+    r = subprocess.run(train_cmd(tmp_path / "nothing", "--init_from=resume"), cwd=ROOT, capture_output=True, text=True)
+    assert "error: no checkpoint in" in r.stderr
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    r = subprocess.run(train_cmd(tmp_path, "--dataset=no_such_set"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no_such_set" in r.stderr.strip().splitlines()[-1]
+
+
+def test_wandb_offline_logs_loss_lr_tokens_and_val_loss(tmp_path):
+    from wandb.proto import wandb_internal_pb2
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    r = subprocess.run(train_cmd(tmp_path / "run", "--max_iters=6", "--log_interval=2", "--eval_interval=6", "--wandb_log=True"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history = []
+    for payload in read_leveldb_log(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    logged = {h["_step"]: h for h in history}
+    expected = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(logged) == sorted(expected) == [2, 4, 6]
+    for step, rec in expected.items():
+        assert logged[step]["loss"] == rec["loss"] and logged[step]["lr"] == rec["lr"]
+        assert logged[step]["tokens_per_s"] == rec["tokens_per_s"]
+    assert logged[6]["val_loss"] == expected[6]["val_loss"]
+
+
+def read_leveldb_log(data: bytes):
+    """Records of wandb's LevelDB-style log: a 7-byte file header, then 32 KiB blocks of chunks, each
+    chunk a 7-byte header (crc32: 4, length: 2, type: 1; FULL=1 FIRST=2 MIDDLE=3 LAST=4) + payload."""
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left_in_block = block - (pos % block)
+        if left_in_block < 7:  # block trailer padding
+            pos += left_in_block
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == 1:
+            yield payload
+        elif kind == 2:
+            pending = payload
+        elif kind == 3:
+            pending += payload
+        elif kind == 4:
+            yield pending + payload
