@@ -10,10 +10,9 @@ identical to bitsandbytes' on CPU. Reported: time per full dequantize of the set
 bytes moved (packed codes + absmax read, output written), and ratio = bitsandbytes time / our time (above
 1: we are faster). On CUDA also the fraction of the device's memory bandwidth: the nominal peak when
 the device name is known, and a measured device-to-device copy. Timings on a shared machine are noisy:
-each figure is the median of several runs.
+each figure is the best of several runs (the run least disturbed by other processes).
 """
 import os
-import statistics
 import sys
 import time
 
@@ -31,7 +30,7 @@ NOMINAL_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3
                 "L4": 300, "A10G": 600, "RTX 4090": 1008}
 
 
-def median_time(fn, device: str, repeats: int) -> float:
+def best_time(fn, device: str, repeats: int) -> float:
     fn()  # warm-up: Triton compile, allocator, caches
     times = []
     for _ in range(repeats):
@@ -42,7 +41,7 @@ def median_time(fn, device: str, repeats: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def weight_sets(device: str) -> dict[str, list[torch.Tensor]]:
@@ -81,11 +80,11 @@ def main() -> None:
     repeats = 10 if device == "cuda" else 3
     out_dtype = torch.bfloat16  # QLoRA's usual compute dtype
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, threads {torch.get_num_threads()}, "
-          f"ours: {backend} backend, output {out_dtype}, blocksize 64, median of {repeats} runs")
+          f"ours: {backend} backend, output {out_dtype}, blocksize 64, best of {repeats} runs")
     copy_gbps = None
     if device == "cuda":
         buf = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-        t = median_time(lambda: buf.clone(), device, repeats)
+        t = best_time(lambda: buf.clone(), device, repeats)
         copy_gbps = 2 * buf.numel() / t / 1e9
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in NOMINAL_GBPS.items() if k in name), None)
@@ -99,8 +98,8 @@ def main() -> None:
             check = check_identical(weights, ours, theirs) if device == "cpu" else "cpu-only"
             for _, state in theirs:
                 state.dtype = out_dtype
-            t_ours = median_time(lambda: [dequantize_nf4(q, out_dtype, backend=backend) for q in ours], device, repeats)
-            t_bnb = median_time(lambda: [bnbF.dequantize_4bit(p, s) for p, s in theirs], device, repeats)
+            t_ours = best_time(lambda: [dequantize_nf4(q, out_dtype, backend=backend) for q in ours], device, repeats)
+            t_bnb = best_time(lambda: [bnbF.dequantize_4bit(p, s) for p, s in theirs], device, repeats)
             gb = bytes_moved(ours, 2) / 1e9
             line = (f"{name:>26} {'yes' if dq else 'no':>3} {check:>9} {1e3 * t_ours:9.2f} {1e3 * t_bnb:9.2f} "
                     f"{gb / t_ours:9.2f} {gb / t_bnb:9.2f} {t_bnb / t_ours:6.2f}")

@@ -190,6 +190,7 @@ def quantize_blockwise8(
         raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
     _check_blocksize(blocksize)
     code = _check_code(code, x.device)
+    x = x.detach()
     if not _use_triton(backend, x.device):
         return quantize_blockwise8_reference(x, code, blocksize)
     flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input

@@ -192,6 +192,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     _check_blocksize(blocksize)
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    x = x.detach()  # weights are quantized, never differentiated through
     if not torch.isfinite(x).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
         raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
     nf4, bounds = _nf4_tables(x.device)

@@ -5,6 +5,8 @@ One bitsandbytes 0.50.2 CPU bug is worked around: its C dequantize_4bit kernel, 
 last dimension is not a multiple of the blocksize it scales elements with the wrong absmax (it disagrees with
 its own quantize and with its own pure-PyTorch dequantize). For those shapes we compare with bitsandbytes'
 pure-PyTorch dequantize (backends/default); `test_bitsandbytes_cpu_dequantize_row_bug` pins the bug down.
+Likewise for tensors of 3+ dimensions and at most 2 elements, where its dequantize_4bit fails (it calls .t()
+on the output when the packed tensor has a single row).
 
 bitsandbytes' CPU dequantize falls back, for an odd last dimension or blocksize >= 2048 on AVX-512 machines,
 to a PyTorch function it wraps in torch.compile; compiling it costs seconds per shape, so the bitsandbytes
@@ -39,7 +41,8 @@ def bnb_cpu_row_bug(shape, blocksize) -> bool:
 def bnb_dequantize(packed, state, dtype, allow_row_bug=False):
     state.dtype = dtype
     with torch._dynamo.config.patch(disable=True):
-        if allow_row_bug or not bnb_cpu_row_bug(state.shape, state.blocksize):
+        tiny_nd = packed.shape[0] == 1 and len(state.shape) > 2  # its [1, n] back-compat shim calls .t() on 3-D
+        if allow_row_bug or not (bnb_cpu_row_bug(state.shape, state.blocksize) or tiny_nd):
             return bnbF.dequantize_4bit(packed, state).reshape(state.shape)  # 1-D comes back [1, n]
         absmax = state.absmax  # what bnbF.dequantize_4bit does before its kernel, then the PyTorch kernel
         if state.nested:
@@ -95,8 +98,8 @@ def check_against_bnb(x: torch.Tensor, blocksize: int, double_quant: bool, backe
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(
     "shape,blocksize",
-    [((64, 64), 64), ((33, 17), 32), ((3, 5, 41), 128), ((1,), 64), ((7,), 32), ((100, 300), 256),
-     ((48, 48), 512), ((40, 52), 1024), ((50, 50), 2048), ((4096,), 4096), ((70, 130), 64)],
+    [((64, 64), 64), ((33, 17), 32), ((3, 5, 41), 128), ((1,), 64), ((7,), 32), ((40, 300), 256),
+     ((48, 48), 512), ((40, 52), 1024), ((50, 50), 2048), ((4096,), 4096), ((70, 130), 64), ((1, 1, 2), 32)],
 )
 def test_matches_bitsandbytes(backend, dtype, double_quant, shape, blocksize):
     torch.manual_seed(0)
@@ -189,7 +192,7 @@ def test_reconstruction_error_equals_bitsandbytes():
         assert err == err_ref and err < 0.02 * 0.1  # about 8% of the weights' std: NF4 is coarse
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     log2_blocksize=st.integers(5, 12),
