@@ -166,7 +166,7 @@ def main(argv: list[str]) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             completed = done = step + 1
-            if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist
+            if done == start_step + 1 and dist.is_master and not dist.fsdp:  # once: now the optimizer states exist
                 bar.write(measured_breakdown(raw_model, optimizer, cfg))
             last = done == cfg.max_iters
             if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
