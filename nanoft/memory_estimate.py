@@ -411,9 +411,12 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     Between steps memory holds parameters and optimizer states (gradients too while micro-batches accumulate:
     zero_grad(set_to_none) frees them after step()), the batch, and the logits that train.py's `_, loss = model(..)`
     keeps until the next forward returns. On top of that, the peak is the largest of:
-      loss backward  all activations + cross-entropy's two (B*T, vocab) fp32 gradients
-      head backward  activations less the log-softmax + the logits' gradient + lm_head's weight gradient
-      end of backward / optimizer step   every gradient + the embedding's dense gradient / optimizer scratch
+      loss backward    all activations + cross-entropy's two (B*T, vocab) fp32 gradients
+      head backward    activations less the log-softmax + the logits' gradient + lm_head's weight gradient
+      block recompute  (checkpointing) the block inputs + one block's activations + the gradient flowing through
+      end of backward  every gradient + the embedding's dense gradient, before it is added into .grad
+      optimizer step   every gradient + the optimizer's temporaries
+    The moments were read off allocator traces of real steps (see `python -m nanoft.memory CONFIG --measure`).
     """
     st = static_bytes(shape, run)
     act = activation_bytes(shape, run)
@@ -431,7 +434,7 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     moments = {
         "loss backward": g_prev + fwd + 2 * N * V * 4,
         "head backward": g_prev + fwd - head_saved + N * V * s + head_grad + N * C * s,
-        "end of backward": st["grads"] + head_grad + act["peak"] - act["forward"],
+        "end of backward": st["grads"] + head_grad,  # the embedding's dense gradient, before it is added in
         "optimizer step": st["grads"] + scratch_bytes(trainable, run),
     }
     if act["recompute"]:  # checkpointing: one block's activations come back, with the gradient flowing through
