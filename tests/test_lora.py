@@ -231,7 +231,9 @@ def test_qlora_forward_matches_float_linear_with_dequantized_weight():
         reference.bias.copy_(linear.bias)
     x = torch.randn(3, 5, 128)
     torch.testing.assert_close(lora(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert (q.dequantize() - linear.weight).abs().max() < 0.1 * linear.weight.abs().max()  # NF4 is close, not exact
+    # NF4 is close, not exact: at most half the code's widest gap (-1.0 to -0.696) times the block's absmax,
+    # plus a little for the 8-bit double-quantized absmax
+    assert 0 < (q.dequantize() - linear.weight).abs().max() <= 0.16 * linear.weight.abs().max()
     lora.merge()  # NF4 base: dequantize + add into a float linear
     assert isinstance(lora.base, nn.Linear)
     torch.testing.assert_close(lora(x), reference(x), rtol=1e-5, atol=1e-5)
