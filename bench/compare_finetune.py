@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int]:
-    """Run train.py in a fresh process; (wall seconds, peak RSS bytes) of that process alone."""
+def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int, float | None]:
+    """Run train.py in a fresh process: (wall seconds, peak RSS bytes of that process alone, the speaker-task
+    score train.py printed at the end, if it did)."""
     log = Path(out_dir).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", f"configs/{kind}.py", f"--out_dir={out_dir}", *overrides]
@@ -61,7 +63,8 @@ def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
-    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+    printed = re.findall(r"speaker task accuracy: ([0-9.]+)", log.read_text())
+    return wall, usage.ru_maxrss * 1024, float(printed[-1]) if printed else None  # ru_maxrss is in KiB on Linux
 
 
 def load_run(out_dir: str) -> tuple[torch.nn.Module, Config, checkpoint.Checkpoint]:
@@ -98,11 +101,11 @@ def main(argv: list[str]) -> None:
     rows, base_score, baseline, how = [], None, None, ""
     for kind in KINDS:
         out_dir = f"out/cmp_{kind}"
-        wall, rss = (None, None) if skip_train else train(kind, out_dir, overrides)
+        wall, rss, score = (None, None, None) if skip_train else train(kind, out_dir, overrides)
         model, cfg, ck = load_run(str(ROOT / out_dir))
         _, val = load_sft_splits(cfg)
-        torch.manual_seed(0)
-        score = score_speaker_task(model, val, "cpu")
+        if score is None:  # train.py scores the same way on the same examples: only score when it didn't
+            score = score_speaker_task(model, val, "cpu")
         if base_score is None:  # every config fine-tunes the same base: score it once
             base = load_pretrained(dataclasses.replace(cfg, finetune="none", dropout=0.0), ck.base_from)
             base_score, baseline = score_speaker_task(base, val, "cpu"), majority_baseline(val[:300])
