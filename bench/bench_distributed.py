@@ -58,7 +58,7 @@ def main() -> None:
         ("FSDP2, 2 processes", 2, max(1, cores // 2), [f"--batch_size={a.global_batch // 2}", "--fsdp=True"]),
     ]
     print(f"{a.config} {' '.join(a.extra)}: global batch {a.global_batch}, {a.steps} steps, median of steps "
-          f"{a.skip + 1}..{a.steps}, {cores} cores")
+          f"{a.skip + 1}..{a.steps}, {cores} cores, load average {os.getloadavg()[0]:.1f} before")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, nproc, threads, extra) in enumerate(modes):
@@ -72,6 +72,7 @@ def main() -> None:
         tps = statistics.median(rec[s]["tokens_per_s"] for s in range(a.skip + 1, a.steps + 1))
         diff = max(abs(rec[s]["loss"] - ref[s]["loss"]) for s in ref)
         print(f"{name:<22} {f'{nproc}x{threads}':>7} {tps:>10.0f} {tps / ref_tps:>12.2f}x {diff:>16.2e}")
+    print(f"load average {os.getloadavg()[0]:.1f} after (other processes on the cores make every number lower)")
 
 
 if __name__ == "__main__":
