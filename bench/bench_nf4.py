@@ -89,7 +89,8 @@ def main() -> None:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in NOMINAL_GBPS.items() if k in name), None)
         print(f"measured device copy: {copy_gbps:.0f} GB/s; nominal peak: {peak or 'unknown'} GB/s")
-    header = f"{'weights':>26} {'dq':>3} {'check':>9} {'ours ms':>9} {'bnb ms':>9} {'ours GB/s':>9} {'bnb GB/s':>9} {'ratio':>6}"
+    header = (f"{'weights':>26} {'dq':>3} {'check':>9} {'ours ms':>9} {'bnb ms':>9} {'ours GB/s':>9} "
+              f"{'bnb GB/s':>9} {'ratio':>6}")
     print(header + ("  ours %copy  ours %peak" if device == "cuda" else ""))
     for name, weights in weight_sets(device).items():
         for dq in (False, True):
