@@ -1,7 +1,7 @@
 """Training throughput, one process against torchrun's 2 processes (DDP and FSDP2), same global batch.
 
     python bench/bench_distributed.py                      # configs/tiny.py, 30 steps each
-    python bench/bench_distributed.py --steps=50 --global_batch=32 --extra --n_layer=6
+    python bench/bench_distributed.py --steps=50 --global_batch=32 --losses --extra --n_layer=6
 
 Runs train.py as a user would and reads tokens/s from out_dir/metrics.jsonl (the median over the steps
 after the first few, so start-up and warm-up do not count). Every run sees the same global batch: one
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
     ap.add_argument("--global_batch", type=int, default=16)
+    ap.add_argument("--losses", action="store_true", help="also print every step's loss in each mode")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more --key=value for train.py")
     a = ap.parse_args()
     cores = os.cpu_count() or 2
@@ -73,6 +74,10 @@ def main() -> None:
         diff = max(abs(rec[s]["loss"] - ref[s]["loss"]) for s in ref)
         print(f"{name:<22} {f'{nproc}x{threads}':>7} {tps:>10.0f} {tps / ref_tps:>12.2f}x {diff:>16.2e}")
     print(f"load average {os.getloadavg()[0]:.1f} after (other processes on the cores make every number lower)")
+    if a.losses:
+        print(f"{'step':>4} " + " ".join(f"{name:>22}" for name, *_ in modes))
+        for step in sorted(ref):
+            print(f"{step:>4} " + " ".join(f"{results[name][step]['loss']:>22.7f}" for name, *_ in modes))
 
 
 if __name__ == "__main__":
