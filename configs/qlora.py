@@ -34,8 +34,8 @@ config = Config(
     optimizer="paged_adamw8bit",  # QLoRA's optimizer: 8-bit states, paged to host memory under pressure
     min_8bit_size=1024,  # the tiny model's adapters have 1,024 elements each: below the default 4096 they
                          # would keep 32-bit states and the 8-bit optimizer would save nothing here
-    lr=3e-3,
-    min_lr=3e-4,
+    lr=1e-2,  # as configs/lora.py
+    min_lr=1e-3,
     warmup_iters=10,
     weight_decay=0.0,
     device="cpu",
