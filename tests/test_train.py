@@ -60,11 +60,13 @@ def test_resume_after_kill_9_reproduces_every_loss_bit_for_bit(tmp_path):
     run_train(tmp_path / "straight", *args)
     out = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not checkpoint.exists(out) and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up
-    proc.wait()
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.exists(out) and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        proc.wait()
     interrupted_at = checkpoint.load(out).step
     assert 10 <= interrupted_at < 30
     run_train(out, *args, "--init_from=resume")
@@ -78,12 +80,14 @@ def test_kill_9_at_random_instants_always_leaves_a_loadable_checkpoint(tmp_path)
     for _ in range(6):
         extra = ["--init_from=resume"] if checkpoint.exists(tmp_path) else []
         proc = subprocess.Popen(train_cmd(tmp_path, *args, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while committed_step(tmp_path) <= last_step and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in a step or in the middle of a save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:
+            deadline = time.time() + 120
+            while committed_step(tmp_path) <= last_step and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.3))  # somewhere in a step or in the middle of a save
+        finally:
+            proc.send_signal(signal.SIGKILL)  # also when the test fails: never leave a trainer running
+            proc.wait()
         step = checkpoint.load(tmp_path).step  # raises if the kill left a torn checkpoint
         assert step > last_step
         last_step = step
@@ -102,11 +106,14 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
     proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: saving a checkpoint" in out
     step = checkpoint.load(tmp_path).step
