@@ -43,7 +43,8 @@ from torch import Tensor, nn
 # Optimizers that work on sharded parameters. torch.optim.AdamW is element-wise and DTensor-aware: each
 # rank updates its own shard. The others compute over whole tensors, not per element: adamw8bit and
 # paged_adamw8bit quantize state in blocks of the flattened full tensor, the paged ones page whole state
-# tensors between host and GPU, and Adafactor keeps row and column statistics of the full matrix.
+# tensors between host and GPU, and Adafactor keeps row and column statistics of the full matrix. Given
+# shards, each stops at its first step with "got mixed torch.Tensor and DTensor"; check_fsdp says why instead.
 FSDP_OPTIMIZERS = ("adamw",)
 FSDP_FINETUNE = ("none", "full")  # LoRA/QLoRA train a small adapter: DDP is the tool for them
 
@@ -82,8 +83,8 @@ def setup(device: str, cfg) -> Dist:
     check_fsdp(cfg)
     if "RANK" not in os.environ:
         return Dist()  # a single process: fsdp=True changes nothing (one shard is the whole model)
-    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    d = Dist(d.rank, d.local_rank, d.world_size, fsdp=cfg.fsdp and d.enabled)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    d = Dist(rank, local_rank, world_size, fsdp=cfg.fsdp and world_size > 1)
     if device.startswith("cuda"):
         torch.cuda.set_device(d.local_rank)  # NCCL collectives run on the current device
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
