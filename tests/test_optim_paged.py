@@ -74,11 +74,11 @@ def test_page_size_must_hold_whole_blocks_for_8bit():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host states, side-stream copies")
 @pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
 def test_cuda_paging_matches_and_holds_no_device_memory(cls):
-    ref_cls = torch.optim.AdamW if cls is PagedAdamW else AdamW8bit
     ref, ours = _model("cuda"), _model("cuda")
-    ref_opt = ref_cls(ref.parameters(), **HP) if cls is PagedAdamW else ref_cls(ref.parameters(), **HP,
-                                                                                 min_8bit_size=2000)
-    kwargs = {} if cls is PagedAdamW else dict(min_8bit_size=2000)
+    if cls is PagedAdamW:
+        ref_opt, kwargs = torch.optim.AdamW(ref.parameters(), **HP), {}
+    else:
+        ref_opt, kwargs = AdamW8bit(ref.parameters(), **HP, min_8bit_size=2000), dict(min_8bit_size=2000)
     opt = cls(ours.parameters(), **HP, page_size=1024, **kwargs)
     _train(ref, ref_opt, device="cuda")
     _train(ours, opt, device="cuda")
