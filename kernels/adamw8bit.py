@@ -35,8 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 from torch import Tensor
 
 from .blockwise8 import (LUT_SIZE, _lut_for, dequantize_blockwise8, dynamic_map, quantize_blockwise8,

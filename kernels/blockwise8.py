@@ -35,8 +35,7 @@ bitsandbytes itself gives them no defined meaning; callers (optimizer states, ab
 Layout: `codes` is uint8 with the input's shape; `absmax` is float32 of shape [ceil(numel / blocksize)].
 """
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 from torch import Tensor
 
 LUT_SIZE = 65536  # grid points of the [-1, 1] -> code index lookup table (bitsandbytes' kLUTSize)

@@ -39,8 +39,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 from torch import Tensor
 
 from .blockwise8 import (

@@ -1,0 +1,33 @@
+"""Triton, or a stand-in where it can't be installed (macOS, Windows: no wheels).
+
+Every kernel here has a plain-PyTorch reference, and backend="auto" picks it off CUDA, so a laptop
+without Triton loses nothing but the option to force backend="triton". The stand-in lets the kernel
+files import, and launching a kernel through it is a clear error instead of an ImportError at
+`import nanoft`.
+"""
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # only the names used when a kernel file is imported are provided
+    class _Unavailable:
+        def __init__(self, fn):
+            self.__name__ = getattr(fn, "__name__", "kernel")
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"Triton is not installed: cannot launch {self.__name__}; use backend='torch'")
+
+        __call__ = __getitem__
+
+    class triton:  # noqa: N801  (stands in for the module)
+        @staticmethod
+        def jit(fn=None, **_):
+            return _Unavailable(fn) if fn is not None else _Unavailable
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+    class tl:  # noqa: N801
+        constexpr = int
+
+__all__ = ["triton", "tl"]
