@@ -25,10 +25,12 @@ from tqdm import tqdm
 from nanoft import checkpoint, distributed
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
+from nanoft.lora import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.lr import warmup_cosine
 from nanoft.memory import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
+from nanoft.sft import SFTBatches, load_sft_splits, majority_baseline, score_speaker_task
 
 
 def pick_device(name: str) -> str:
@@ -82,7 +84,6 @@ def main(argv: list[str]) -> None:
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
     if cfg.finetune in ("lora", "qlora"):
-        from nanoft.lora import adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
         model = apply_lora(model, cfg)
         if dist.is_master:
             print(trainable_summary(model))
@@ -109,7 +110,6 @@ def main(argv: list[str]) -> None:
         train_batches = Batches(data_dir / "train.bin", cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
         val_batches = Batches(data_dir / "val.bin", cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
     else:
-        from nanoft.sft import SFTBatches, load_sft_splits
         train_examples, val_examples = load_sft_splits(cfg)
         train_batches = SFTBatches(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
         val_batches = SFTBatches(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
@@ -124,10 +124,11 @@ def main(argv: list[str]) -> None:
         weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist)
         if not dist.is_master:
             return
-        if cfg.finetune in ("lora", "qlora"):
-            weights = adapter_state_dict(raw_model)
+        extra = {}
+        if cfg.finetune in ("lora", "qlora"):  # only the adapter goes to disk, with its r, alpha, targets
+            weights, extra = adapter_state_dict(raw_model), {"adapter": adapter_config(cfg)}
         checkpoint.save(cfg.out_dir, checkpoint.Checkpoint(
-            step=step, config=cfg.to_dict(), model=weights, base_from=base_from,
+            step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra,
             data={"train": train_batches.state_dict()}, optim=optim_state, rng=checkpoint.rng_state()))
 
     out_dir = Path(cfg.out_dir)
@@ -208,8 +209,8 @@ def main(argv: list[str]) -> None:
         if dist.is_master:
             print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
     elif dist.is_master and not cfg.sft_data and not dist.fsdp:  # fsdp: score the checkpoint in one process
-        from nanoft.sft import score_speaker_task
-        print(f"speaker task accuracy: {score_speaker_task(raw_model, val_examples, device):.3f}")
+        print(f"speaker task accuracy: {score_speaker_task(raw_model, val_examples, device):.3f}"
+              f" (always answering the most common speaker: {majority_baseline(val_examples):.3f})")
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
     distributed.teardown(dist)
