@@ -1,31 +1,21 @@
-"""Full fine-tuning of the ~100M base (out/100m, made by
-configs/100m.py) on the embedded speaker task: the GPU-sized sibling of configs/full.py (device auto:
-bfloat16 autocast on CUDA).
+"""Full fine-tuning of the ~100M base (out/100m, made by configs/100m.py) on the embedded speaker task:
+configs/full.py at the 100M shape, for a GPU (device auto: bfloat16 autocast on CUDA).
 
     python train.py configs/100m.py && python train.py configs/full_100m.py
 """
-from nanoft.config import Config
+import dataclasses
+import runpy
+from pathlib import Path
 
-config = Config(
+here = Path(__file__).parent
+base = runpy.run_path(str(here / "100m.py"))["config"]
+config = dataclasses.replace(
+    runpy.run_path(str(here / "full.py"))["config"],
     out_dir="out/full_100m",
     init_from="out/100m",
-    finetune="full",
-    sft_data="",  # empty: the embedded speaker task (data/speaker_task/*.jsonl)
-    # the base's shape (configs/100m.py); a shorter context is fine: the task's examples are ~30 tokens
-    n_layer=9,
-    n_head=12,
-    n_embd=768,
-    block_size=128,
-    max_iters=300,
-    eval_interval=100,
-    eval_iters=10,
-    log_interval=10,
-    save_interval=300,
-    batch_size=32,
-    optimizer="adamw",
-    lr=5e-5,  # well below pretraining's 6e-4: move every weight a little, not relearn the base
-    min_lr=5e-6,
-    warmup_iters=10,
-    weight_decay=0.0,
-    dropout=0.0,
+    n_layer=base.n_layer, n_head=base.n_head, n_embd=base.n_embd,  # the base's shape
+    block_size=128,  # shorter than the base's context is fine: the task's examples are ~30 tokens
+    max_iters=300, eval_interval=100, save_interval=300,
+    lr=5e-5, min_lr=5e-6,  # well below pretraining's 6e-4: move every weight a little, not relearn the base
+    device="auto",
 )

@@ -1,37 +1,22 @@
-"""QLoRA fine-tuning (NF4 base, r=8 on q, v, paged 8-bit AdamW) of the ~100M base (out/100m, made by
-configs/100m.py) on the embedded speaker task: the GPU-sized sibling of configs/qlora.py (device auto:
-bfloat16 autocast on CUDA).
+"""QLoRA (NF4 base, r=8 on q, v, paged 8-bit AdamW) fine-tuning of the ~100M base (out/100m, made by
+configs/100m.py) on the embedded speaker task: configs/qlora.py at the 100M shape, for a GPU.
 
     python train.py configs/100m.py && python train.py configs/qlora_100m.py
 """
-from nanoft.config import Config
+import dataclasses
+import runpy
+from pathlib import Path
 
-config = Config(
+here = Path(__file__).parent
+base = runpy.run_path(str(here / "100m.py"))["config"]
+config = dataclasses.replace(
+    runpy.run_path(str(here / "qlora.py"))["config"],
     out_dir="out/qlora_100m",
     init_from="out/100m",
-    finetune="qlora",
-    sft_data="",  # empty: the embedded speaker task (data/speaker_task/*.jsonl)
-    lora_r=8,
-    lora_alpha=16.0,
-    lora_dropout=0.05,
-    lora_targets=("q_proj", "v_proj"),
-    nf4_blocksize=64,
-    double_quant=True,
-    # the base's shape (configs/100m.py); a shorter context is fine: the task's examples are ~30 tokens
-    n_layer=9,
-    n_head=12,
-    n_embd=768,
-    block_size=128,
-    max_iters=300,
-    eval_interval=100,
-    eval_iters=10,
-    log_interval=10,
-    save_interval=300,
-    batch_size=32,
-    optimizer="paged_adamw8bit",  # QLoRA's optimizer: 8-bit states, paged to host memory under pressure
+    n_layer=base.n_layer, n_head=base.n_head, n_embd=base.n_embd,  # the base's shape
+    block_size=128,  # shorter than the base's context is fine: the task's examples are ~30 tokens
+    max_iters=300, eval_interval=100, save_interval=300,
+    lr=1e-3, min_lr=1e-4,
     min_8bit_size=4096,  # 768-wide adapters (6,144 elements each) get 8-bit states at the default
-    lr=1e-3,
-    min_lr=1e-4,
-    warmup_iters=10,
-    weight_decay=0.0,
+    device="auto",
 )
