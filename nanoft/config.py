@@ -73,7 +73,7 @@ class Config:
     min_8bit_size: int = 4096  # 8-bit optimizers keep 32-bit states for tensors smaller than this
     page_size: int = 1 << 20  # elements per chunk paged between host and device by paged optimizers
     adafactor_relative_step: bool = False  # Adafactor computes its own step size (lr is then ignored)
-    adafactor_scale_parameter: bool = True  # Adafactor scales the step by the parameter's RMS
+    adafactor_scale_parameter: bool = False  # scale the step by the parameter's RMS: meant for relative_step (with the schedule's lr it shrinks steps ~50x)
     adafactor_warmup_init: bool = False  # Adafactor's relative step warms up from 1e-6 (needs relative_step)
     # --- fine-tuning ---
     finetune: str = "none"  # none (pretraining) | full | lora | qlora

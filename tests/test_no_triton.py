@@ -15,9 +15,11 @@ from nanoft.kernels import quantize_nf4, dequantize_nf4, quantize_blockwise8
 from nanoft.optim import AdamW8bit
 import train  # the loop's imports all resolve
 
+torch.manual_seed(0)
 x = torch.randn(4096)
 q = quantize_nf4(x, double_quant=True)
-assert (dequantize_nf4(q) - x).abs().max() < 0.5
+err = (dequantize_nf4(q) - x).abs()
+assert err.mean() < 0.1 and err.max() < 0.25 * x.abs().max(), (err.mean(), err.max())
 p = torch.nn.Parameter(torch.randn(64, 128))
 p.grad = torch.randn_like(p)
 AdamW8bit([p], lr=1e-3).step()
