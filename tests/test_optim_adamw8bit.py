@@ -7,13 +7,7 @@ import torch
 from nanoft.kernels.adamw8bit import adamw8bit_update_
 from nanoft.optim import AdamW8bit
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many steps on tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
 
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -11,12 +11,7 @@ from nanoft.config import Config
 from nanoft.optim import OPTIMIZERS, make_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
 
 
 def _model(dtype=torch.float32) -> torch.nn.Module:
