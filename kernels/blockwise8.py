@@ -242,13 +242,18 @@ def dequantize_blockwise8(
 # Plain PyTorch reference: the readable specification the kernels are held to
 
 
-def quantize_blockwise8_reference(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+def padded_blocks(x: Tensor, blocksize: int) -> tuple[Tensor, int]:
+    """x flattened to float32 rows of blocksize, the tail zero-padded: ((num_blocks, blocksize), numel)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     num_blocks = -(-n // blocksize)
     padded = torch.zeros(num_blocks * blocksize, dtype=torch.float32, device=x.device)
     padded[:n] = flat
-    blocks = padded.view(num_blocks, blocksize)  # (num_blocks, blocksize), zero padded tail
+    return padded.view(num_blocks, blocksize), n
+
+
+def quantize_blockwise8_reference(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    blocks, n = padded_blocks(x, blocksize)  # (num_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
     inv = 1.0 / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0)

@@ -49,6 +49,7 @@ from .blockwise8 import (
     _use_triton,
     dequantize_blockwise8,
     dequantize_blockwise8_reference,
+    padded_blocks,
     quantize_blockwise8,
     store_rounded,
 )
@@ -275,12 +276,7 @@ def absmax_float(q: NF4State, backend: str = "auto") -> Tensor:
 
 def quantize_nf4_reference(x: Tensor, blocksize: int, bounds: Tensor) -> tuple[Tensor, Tensor]:
     """(packed uint8 [ceil(n/2)], absmax float32 [num_blocks]), exactly as bitsandbytes' CPU path."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    num_blocks = -(-n // blocksize)
-    padded = torch.zeros(num_blocks * blocksize, dtype=torch.float32, device=x.device)
-    padded[:n] = flat
-    blocks = padded.view(num_blocks, blocksize)  # (num_blocks, blocksize), zero-padded tail
+    blocks, n = padded_blocks(x, blocksize)  # (num_blocks, blocksize), zero-padded tail
     absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
     scale = absmax.clamp(min=ABSMAX_FLOOR)
     y = blocks * (1.0 / scale)[:, None]  # multiply by the reciprocal...
