@@ -37,7 +37,10 @@ import torch
 from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
+from nanoft.lora import apply_lora
 from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes)
+from nanoft.model import GPT
+from nanoft.optim import make_optimizer
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor")
 MODES = ("full", "lora", "qlora")
@@ -149,20 +152,8 @@ class MeasureError(RuntimeError):
 
 def build(cfg: Config, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer exactly as train.py builds them (random weights: memory does not care)."""
-    from nanoft.model import GPT
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg)
-    if cfg.finetune in ("lora", "qlora"):
-        try:
-            from nanoft.lora import apply_lora
-            model = apply_lora(model, cfg)
-        except ImportError as e:
-            raise MeasureError(f"--measure with finetune={cfg.finetune} needs nanoft.lora / nanoft.quant: {e}") from None
-    model.to(device)
-    try:
-        from nanoft.optim import make_optimizer
-    except ImportError as e:
-        raise MeasureError(f"--measure needs nanoft.optim.make_optimizer: {e}") from None
+    model = apply_lora(GPT(cfg), cfg).to(device)  # apply_lora leaves full / none unchanged
     return model, make_optimizer(cfg, model)
 
 
