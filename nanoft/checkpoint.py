@@ -31,7 +31,7 @@ META_NAME = "ckpt.json"
 # keys that fix the architecture: base weights can't be loaded into a model that differs in these
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 # ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
-SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "nf4_blocksize", "double_quant")
+SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant")
 
 
 class CheckpointError(RuntimeError):

@@ -81,6 +81,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B @ A
     lora_dropout: float = 0.05  # dropout on the LoRA path's input
     lora_targets: tuple = ("q_proj", "v_proj")  # linear layers that get adapters (see LORA_TARGETS)
+    lora_train_norms: bool = False  # LoRA/QLoRA: the LayerNorms' gains and biases train too (2*n_embd each)
     nf4_blocksize: int = 64  # QLoRA: elements per NF4 quantization block
     double_quant: bool = True  # QLoRA: quantize the per-block absmax values to 8 bits too
     sft_data: str = ""  # fine-tuning data: JSONL of {"prompt","response"}; empty uses the embedded speaker task

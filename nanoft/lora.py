@@ -176,7 +176,13 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
     qlora: first every linear layer of the blocks (q, k, v, out, fc_in, fc_out; the frozen base) becomes
            an NF4 Linear4bit (cfg.nf4_blocksize, cfg.double_quant, compute dtype as compute_dtype(cfg)),
            then the targets get adapters in that compute dtype.
-    Embeddings, LayerNorms and the tied head stay float and frozen in both."""
+    Embeddings and the tied head stay float and frozen in both. The LayerNorms stay float too, and train
+    when cfg.lora_train_norms (as LongLoRA, arXiv:2309.12307, trains them): 2 * n_embd numbers each.
+    Why that can matter: the head's logits are ln_f(h) @ wte^T. With ln_f and wte frozen, ln_f's output
+    has a fixed size, so the logits have a bounded range whatever the adapters do to h, and on a weakly
+    trained base that range is too narrow to make a rare token likely: on configs/tiny.py's base, the best
+    any h can give <|endoftext|> is -log p = 6.3, and " HAM" (as in " HAMLET") 8.1. Training ln_f's gain
+    lifts that cap; a well-trained base rarely needs it."""
     if cfg.finetune not in ("lora", "qlora"):
         return model
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -197,6 +203,10 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
             base = model.blocks[i].get_submodule(path)
             lora = LoRALinear(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
             _set_submodule(model.blocks[i], path, lora)
+    if cfg.lora_train_norms:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.requires_grad_(True)
     return model
 
 
@@ -223,9 +233,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # --- adapters on disk ----------------------------------------------------------------------------
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the adapter tensors, keyed by module path: {"blocks.0.attn.q_proj.lora_A": (r, in), ...}."""
-    return {f"{name}.{p}": getattr(m, p).detach() for name, m in lora_modules(model).items()
-            for p in m.adapter_params()}
+    """What a LoRA run trained, keyed by module path: the adapter tensors {"blocks.0.attn.q_proj.lora_A":
+    (r, in), ...}, plus the LayerNorms' {"ln_f.weight": (n_embd,), ...} when they trained (lora_train_norms)."""
+    sd = {f"{name}.{p}": getattr(m, p).detach() for name, m in lora_modules(model).items()
+          for p in m.adapter_params()}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            sd.update({f"{name}.{k}": p.detach() for k, p in m.named_parameters() if p.requires_grad})
+    return sd
 
 
 def load_adapter_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
@@ -236,7 +251,7 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     if missing or unexpected:
         raise ValueError(f"adapter does not match the model's LoRA layers: missing {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                         f"{' ...' if len(unexpected) > 4 else ''} (check lora_targets and n_layer)")
+                         f"{' ...' if len(unexpected) > 4 else ''} (check lora_targets, lora_train_norms and n_layer)")
     for k, v in sd.items():
         if v.shape != own[k].shape:
             raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)} but the model expects "
@@ -249,7 +264,7 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
 def adapter_config(cfg: Config) -> dict:
     """What is needed to rebuild the adapted model: saved beside the adapter weights as JSON."""
     return {"finetune": cfg.finetune, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-            "targets": list(cfg.lora_targets), "base": cfg.init_from,
+            "targets": list(cfg.lora_targets), "train_norms": cfg.lora_train_norms, "base": cfg.init_from,
             "nf4_blocksize": cfg.nf4_blocksize, "double_quant": cfg.double_quant}
 
 

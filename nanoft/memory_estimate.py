@@ -125,6 +125,10 @@ def param_specs(shape: ModelShape) -> list[ParamSpec]:
     return specs
 
 
+def _is_norm(p: ParamSpec) -> bool:
+    return p.name.rsplit(".", 2)[-2] in ("ln_1", "ln_2", "ln_f", "input_norm", "post_attention_norm", "norm")
+
+
 def _norm(shape: ModelShape, name: str) -> list[ParamSpec]:
     specs = [ParamSpec(name + ".weight", (shape.n_embd,))]
     if shape.arch == "gpt" and shape.bias:  # LayerNorm(bias=...); RMSNorm has no bias
@@ -150,6 +154,10 @@ class Run:
     @property
     def mode(self) -> str:  # pretraining and full fine-tuning train the same tensors
         return "full" if self.cfg.finetune in ("none", "full") else self.cfg.finetune
+
+    @property
+    def norms_trainable(self) -> bool:  # full fine-tuning trains them; LoRA/QLoRA with lora_train_norms
+        return self.mode == "full" or self.cfg.lora_train_norms
 
     @property
     def adapter_bytes(self) -> int:  # LoRA adapters: the base's fp32; QLoRA's: the compute dtype
@@ -181,6 +189,9 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
         raise ValueError("LoRA and QLoRA need the layer shapes: give --shape or dimensions, not only --params")
     trainable, frozen = [], 0
     for p in specs:
+        if run.norms_trainable and _is_norm(p):
+            trainable.append((p, 4))
+            continue
         if run.mode == "qlora" and p.target and len(p.shape) == 2:  # every block linear becomes NF4
             frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant, run.device == "cpu")
         else:
@@ -305,7 +316,7 @@ def _block(led: _Saved, i: int, x: tuple) -> tuple:
     kv = shape.kv_heads * (C // nh)
     p = run.cfg.dropout
     b = f"b{i}."
-    h = led.layernorm(b + "ln_1", x, full)
+    h = led.layernorm(b + "ln_1", x, run.norms_trainable)
     q = _lora_linear(led, b + "q", h, C, "q_proj", full)
     k = _lora_linear(led, b + "k", h, kv, "k_proj", full)
     v = _lora_linear(led, b + "v", h, kv, "v_proj", full)
@@ -329,7 +340,7 @@ def _block(led: _Saved, i: int, x: tuple) -> tuple:
     y = _lora_linear(led, b + "out", y, C, "out_proj", full)
     y = led.dropout(b + "resid_drop", y, p)
     x = (b + "x1", C, 4, x[3] or y[3])  # the residual stream stays fp32
-    h = led.layernorm(b + "ln_2", x, full)
+    h = led.layernorm(b + "ln_2", x, run.norms_trainable)
     if shape.arch == "gpt":
         u = _lora_linear(led, b + "fc_in", h, shape.ffn, "fc_in", full)
         g = led.pointwise(b + "gelu", u)
@@ -379,7 +390,7 @@ def activation_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
         if ckpt:  # forget the block's own tensors; keep its input (checkpoint saves it whatever it needs)
             led.bytes = before
             led.save(x_in[0], led.N * C * 4)
-    h = led.layernorm("ln_f", x, full)
+    h = led.layernorm("ln_f", x, run.norms_trainable)
     led.linear("lm_head", h, shape.vocab_size, full)
     led.save("log_softmax", led.N * shape.vocab_size * 4)  # cross-entropy in fp32: (B*T, vocab)
     led.save("targets", led.N * 8 + 4)  # and nll_loss's total weight, a 0-dim fp32

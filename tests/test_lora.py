@@ -118,16 +118,43 @@ def test_merge_lora_gives_plain_linears_that_load_into_gpt():
     torch.testing.assert_close(logits(plain, x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_only_adapters_receive_gradients():
-    model, cfg = small_model(lora_targets=("q_proj", "v_proj", "fc_out"), lora_dropout=0.1)
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_only_adapters_receive_gradients(train_norms):
+    model, cfg = small_model(lora_targets=("q_proj", "v_proj", "fc_out"), lora_dropout=0.1, lora_train_norms=train_norms)
     apply_lora(model, cfg)
     randomize_adapters(model)  # with B = 0 the gradient of A would be zero: not a real test
     x = tokens()
     model(x, x)[1].backward()
     for name, p in model.named_parameters():
-        is_adapter = name.endswith((".lora_A", ".lora_B"))
-        assert p.requires_grad == is_adapter, name
-        assert (p.grad is not None and p.grad.abs().sum() > 0) if is_adapter else p.grad is None, name
+        is_norm = ".ln_" in name or name.startswith("ln_f.")
+        trains = name.endswith((".lora_A", ".lora_B")) or (train_norms and is_norm)
+        assert p.requires_grad == trains, name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if trains else p.grad is None, name
+    norms = (2 * cfg.n_layer + 1) * 2 * cfg.n_embd  # ln_1, ln_2 of each block and ln_f: gain and bias
+    C = cfg.n_embd  # q and v: A (r, C) and B (C, r); fc_out: A (r, 4C) and B (C, r)
+    adapters = cfg.n_layer * cfg.lora_r * (2 * (C + C) + (4 * C + C))
+    assert count_params(model)[0] == adapters + (norms if train_norms else 0)
+
+
+def test_trained_norms_lift_the_frozen_heads_confidence_cap():
+    """Why lora_train_norms exists: with ln_f frozen its output has a fixed size, so the tied head's logits
+    have a bounded range and no adapter can make a token more likely than that range allows. Here every
+    adapter is trained hard toward one token; only with the norms trainable does its probability get near 1."""
+    final = {}
+    for train_norms in (False, True):
+        model, cfg = small_model(lora_train_norms=train_norms, lora_targets=LORA_TARGETS)
+        apply_lora(model, cfg)  # a freshly initialised head: small logits, as an undertrained base has
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        x = tokens(B=4, T=8)
+        y = torch.full_like(x, 7)
+        for _ in range(100):
+            loss = model(x, y)[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        final[train_norms] = loss.item()
+    assert final[False] > 4.0  # flat at 4.24 from step 50 on: the cap, not a lack of steps (log 256 = 5.5)
+    assert final[True] < 0.2
 
 
 def test_trainable_fraction_of_100m_r8_qv(capsys):
@@ -160,6 +187,29 @@ def test_adapter_round_trip_through_safetensors(tmp_path):
     x = tokens()
     assert torch.equal(logits(fresh, x), logits(model, x))
     assert adapter_config(cfg)["targets"] == ["k_proj", "fc_in"] and adapter_config(cfg)["r"] == cfg.lora_r
+
+
+def test_adapter_with_trained_norms_round_trips_and_merges(tmp_path):
+    model, cfg = small_model(lora_train_norms=True)
+    apply_lora(model, cfg)
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.ln_f.weight.mul_(3.0)  # a trained norm, different from the base's
+        model.blocks[1].ln_2.bias.add_(0.5)
+    sd = adapter_state_dict(model)
+    assert {"ln_f.weight", "ln_f.bias", "blocks.0.ln_1.weight", "blocks.1.ln_2.bias"} <= set(sd)
+    assert len(sd) == 2 * 2 * 2 + (2 * 2 + 1) * 2  # A and B of q, v in 2 blocks; 5 norms' gain and bias
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "adapter.safetensors")
+    fresh, _ = small_model()
+    apply_lora(fresh, cfg)
+    load_adapter_state_dict(fresh, load_file(tmp_path / "adapter.safetensors"))
+    x = tokens()
+    assert torch.equal(logits(fresh, x), logits(model, x))
+    assert adapter_config(cfg)["train_norms"] is True
+    merged = merge_lora(fresh)  # the trained norms stay in the merged model
+    plain, _ = small_model(finetune="none")
+    plain.load_state_dict(merged.state_dict())
+    torch.testing.assert_close(logits(plain, x), logits(model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_load_adapter_is_strict():

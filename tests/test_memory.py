@@ -65,10 +65,20 @@ def test_parameter_gradient_state_bytes_exact(optimizer, finetune):
         assert est["states"] == 0 and est["states_host"] > 0  # all of it in host memory
 
 
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_trainable_norms_are_counted_exactly(finetune):
+    cfg = dataclasses.replace(SMALL, finetune=finetune, lora_train_norms=True)
+    got, est = _measured(cfg)
+    assert _static_rows(est) == _static_rows(got)
+    without = _measured(dataclasses.replace(cfg, lora_train_norms=False))[0]
+    norms = (2 * SMALL.n_layer + 1) * 2 * SMALL.n_embd  # ln_1, ln_2 per block and ln_f; gain and bias each
+    assert got["grads"] - without["grads"] == 4 * norms
+
+
 @pytest.mark.parametrize("overrides", [
     dict(), dict(gradient_checkpointing=True), dict(finetune="lora"), dict(finetune="lora", gradient_checkpointing=True),
     dict(finetune="qlora", lora_targets=("q_proj", "fc_out"), lora_dropout=0.0), dict(dtype="bfloat16"),
-    dict(dropout=0.1)])
+    dict(dropout=0.1), dict(finetune="lora", lora_train_norms=True)])
 def test_activation_estimate_matches_saved_tensors(overrides):
     cfg = dataclasses.replace(SMALL, **overrides)
     run = Run.from_config(cfg)
