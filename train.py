@@ -30,7 +30,7 @@ from nanoft.lr import warmup_cosine
 from nanoft.memory import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
-from nanoft.sft import SFTBatches, load_sft_splits, majority_baseline, score_speaker_task
+from nanoft.sft import SFTBatches, load_sft_splits, task_report
 
 
 def pick_device(name: str) -> str:
@@ -143,7 +143,9 @@ def main(argv: list[str]) -> None:
               f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer}")
 
     # ---- the loop ----
-    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
+    # redrawn 10x a second on a terminal; in a log file (not a TTY) one line a minute is plenty
+    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master,
+               mininterval=0.1 if sys.stderr.isatty() else 60)
     completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
     position_at_step_start = train_batches.state_dict()
     try:
@@ -183,7 +185,7 @@ def main(argv: list[str]) -> None:
                     if cfg.wandb_log:
                         wandb.log(record, step=done)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}), refresh=False)
                     if "val_loss" in record:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
             if done % cfg.save_interval == 0 or last:
@@ -208,9 +210,8 @@ def main(argv: list[str]) -> None:
         ids = [t.item() for t in raw_model.generate(start, 200, temperature=0.8, top_k=200, generator=gen)]
         if dist.is_master:
             print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
-    elif dist.is_master and not cfg.sft_data and not dist.fsdp:  # fsdp: score the checkpoint in one process
-        print(f"speaker task accuracy: {score_speaker_task(raw_model, val_examples, device):.3f}"
-              f" (always answering the most common speaker: {majority_baseline(val_examples):.3f})")
+    elif dist.is_master and not dist.fsdp:  # fsdp: score the checkpoint in one process
+        print(task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
     distributed.teardown(dist)

@@ -13,15 +13,17 @@ Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its 
   peak RSS      the train.py process's maximum resident set size (os.wait4's ru_maxrss): includes the Python
                 interpreter and torch's libraries (~0.3-0.5 GB), so it differs little between small runs
   wall          the train.py process, start to exit: startup, training, evaluation and its final scoring
-  score         speaker-task accuracy on the val split (first 300 examples; ranking by log-likelihood,
-                nanoft.sft.score_speaker_task), beside the base checkpoint's score and the majority baseline
+  val loss      the run's last val loss (response tokens only), from its metrics.jsonl
+  answers       greedy decoding on the val split's first 300 prompts (nanoft.sft.score_answers): the share
+                that answers with one of the six names and stops, and the share that names the right one
+  rank acc      speaker-task accuracy by ranking the six names by log-likelihood (nanoft.sft.score_speaker_task),
+                beside the base checkpoint's and the majority baseline
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ from nanoft import checkpoint  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
 from nanoft.lora import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
 from nanoft.model import GPT, load_pretrained  # noqa: E402
-from nanoft.sft import load_sft_splits, majority_baseline, score_speaker_task  # noqa: E402
+from nanoft.sft import load_sft_splits, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 
 KINDS = ("full", "lora", "qlora")
 
@@ -48,9 +50,8 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int, float | None]:
-    """Run train.py in a fresh process: (wall seconds, peak RSS bytes of that process alone, the speaker-task
-    score train.py printed at the end, if it did)."""
+def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int]:
+    """Run train.py in a fresh process: (wall seconds, peak RSS bytes of that process alone)."""
     log = Path(out_dir).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", f"configs/{kind}.py", f"--out_dir={out_dir}", *overrides]
@@ -63,8 +64,7 @@ def train(kind: str, out_dir: str, overrides: list[str]) -> tuple[float, int, fl
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
-    printed = re.findall(r"speaker task accuracy: ([0-9.]+)", log.read_text())
-    return wall, usage.ru_maxrss * 1024, float(printed[-1]) if printed else None  # ru_maxrss is in KiB on Linux
+    return wall, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 
 def load_run(out_dir: str) -> tuple[torch.nn.Module, Config, checkpoint.Checkpoint]:
@@ -98,38 +98,44 @@ def main(argv: list[str]) -> None:
     skip_train = "--skip-train" in argv
     overrides = [a for a in argv if a != "--skip-train"]
     parse_overrides(overrides)  # fail now on a bad key, not after the first run
-    rows, base_score, baseline, how = [], None, None, ""
+    rows, base, how = [], None, ""
     for kind in KINDS:
         out_dir = f"out/cmp_{kind}"
-        wall, rss, score = (None, None, None) if skip_train else train(kind, out_dir, overrides)
+        wall, rss = (None, None) if skip_train else train(kind, out_dir, overrides)
         model, cfg, ck = load_run(str(ROOT / out_dir))
         _, val = load_sft_splits(cfg)
-        if score is None:  # train.py scores the same way on the same examples: only score when it didn't
-            score = score_speaker_task(model, val, "cpu")
-        if base_score is None:  # every config fine-tunes the same base: score it once
-            base = load_pretrained(dataclasses.replace(cfg, finetune="none", dropout=0.0), ck.base_from)
-            base_score, baseline = score_speaker_task(base, val, "cpu"), majority_baseline(val[:300])
+        if base is None:  # every config fine-tunes the same base: score it once
+            base_model = load_pretrained(dataclasses.replace(cfg, finetune="none", dropout=0.0), ck.base_from)
+            base = {"answers": score_answers(base_model, val, "cpu"), "rank": score_speaker_task(base_model, val, "cpu"),
+                    "majority": majority_baseline(val[:300])}
         trainable, total = count_params(model)
         peak, how = peak_tensor_bytes(load_config(str(ROOT / f"configs/{kind}.py"), overrides))
+        metrics = [json.loads(line) for line in (ROOT / out_dir / "metrics.jsonl").read_text().splitlines()]
         rows.append({"run": kind, "optimizer": cfg.optimizer, "trainable": trainable, "total": total,
                      "optim_state_bytes": optimizer_state_bytes(ck), "peak_tensor_bytes": peak, "peak_rss_bytes": rss,
-                     "wall_s": wall, "score": score, "steps": ck.step})
+                     "wall_s": wall, "val_loss": [m["val_loss"] for m in metrics if "val_loss" in m][-1],
+                     **{f"answers_{k}": v for k, v in score_answers(model, val, "cpu").items()},
+                     "rank_acc": score_speaker_task(model, val, "cpu"), "steps": ck.step})
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\nbase {ck.base_from}: speaker-task score {base_score:.3f}; majority baseline {baseline:.3f} "
-          f"(val split, {min(300, len(val))} examples, {len({e.response for e in val})} speakers)")
+    print(f"\nbase {ck.base_from}: answers {base['answers']['valid']:.1%} valid, {base['answers']['exact']:.1%} right;"
+          f" rank acc {base['rank']:.3f}; majority baseline {base['majority']:.3f}"
+          f" (val split, {min(300, len(val))} examples, {len({e.response for e in val})} speakers)")
     print(f"peak tensors: {how}; peak RSS: ru_maxrss of each train.py process\n")
     head = f"{'run':<6} {'optimizer':<16} {'trainable params':>24} {'optim state':>12} {'peak tensors':>13} " \
-           f"{'peak RSS':>10} {'wall':>8} {'score':>6}"
+           f"{'peak RSS':>10} {'wall':>7} {'val loss':>8} {'valid':>6} {'right':>6} {'rank acc':>8}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         frac = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%)"
         rss = fmt_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-"
         wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
         print(f"{r['run']:<6} {r['optimizer']:<16} {frac:>24} {fmt_bytes(r['optim_state_bytes']):>12} "
-              f"{fmt_bytes(r['peak_tensor_bytes']):>13} {rss:>10} {wall:>8} {r['score']:>6.3f}")
+              f"{fmt_bytes(r['peak_tensor_bytes']):>13} {rss:>10} {wall:>7} {r['val_loss']:>8.3f} "
+              f"{r['answers_valid']:>6.1%} {r['answers_exact']:>6.1%} {r['rank_acc']:>8.3f}")
     lora, qlora = (next(r for r in rows if r["run"] == k) for k in ("lora", "qlora"))
-    print(f"\nQLoRA - LoRA score: {qlora['score'] - lora['score']:+.3f}")
+    print(f"\nQLoRA - LoRA: val loss {qlora['val_loss'] - lora['val_loss']:+.3f}, valid answers "
+          f"{100 * (qlora['answers_valid'] - lora['answers_valid']):+.1f} points, right answers "
+          f"{100 * (qlora['answers_exact'] - lora['answers_exact']):+.1f} points, rank acc {qlora['rank_acc'] - lora['rank_acc']:+.3f}")
 
 
 if __name__ == "__main__":

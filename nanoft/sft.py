@@ -21,6 +21,8 @@ if the response alone does not fit, the example is dropped, and the number dropp
 The embedded default task needs no download beyond the Shakespeare plays the data module caches: given
 one verse line, name its speaker, among the chief speakers of six tragedies (see `SPEAKER_TASK_PLAYS`).
 `score_speaker_task` measures it, so fine-tuning shows up as a change in what the model does.
+`score_answers` measures any task, the user's JSONL too: does the model, decoding greedily, answer with
+one of the task's answers and stop, and is it the right one?
 """
 from __future__ import annotations
 
@@ -294,3 +296,46 @@ def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], devic
         model.train(was_training)
     pred = torch.cat(scores).view(len(examples), len(candidates)).argmax(dim=1)
     return (pred == torch.tensor(truth)).float().mean().item()
+
+
+@torch.no_grad()
+def score_answers(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
+                  max_examples: int = 300) -> dict[str, float]:
+    """What the model answers, decoding greedily after each prompt until <|endoftext|> (or as many tokens as
+    the longest expected answer, plus one): {"exact": the fraction whose answer, <|endoftext|> included,
+    is the expected one; "valid": the fraction that answer with one of the answers found among `examples`
+    and stop}. "valid" is what fine-tuning changes first: a base model goes on writing text where a tuned
+    one answers. For a closed set of answers (the speaker task's six names) valid - exact counts the wrong
+    names. Scores the first max_examples examples, one at a time: the prompts have different lengths."""
+    examples = examples[:max_examples]
+    answers = {ex.response_ids for ex in examples}
+    max_new = max(len(a) for a in answers) + 1  # one more: a model that does not stop is not cut to size
+    was_training = model.training
+    model.eval()
+    exact = valid = 0
+    try:
+        for ex in examples:
+            prompt = list(ex.prompt_ids[-(model.block_size - max_new):]) or [EOT_ID]
+            out = []
+            for token in model.generate(torch.tensor([prompt], device=device), max_new, temperature=0):
+                out.append(token.item())
+                if out[-1] == EOT_ID:
+                    break
+            exact += tuple(out) == ex.response_ids
+            valid += tuple(out) in answers
+    finally:
+        model.train(was_training)
+    return {"exact": exact / len(examples), "valid": valid / len(examples)}
+
+
+def task_report(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
+                speaker_task: bool) -> str:
+    """The line train.py prints after fine-tuning: greedy answers on the val split and, for the speaker task,
+    its ranking accuracy beside the majority baseline."""
+    n = min(300, len(examples))
+    got = score_answers(model, examples, device, max_examples=n)
+    line = f"val answers (greedy, {n} prompts): {got['valid']:.1%} are one of the task's answers, {got['exact']:.1%} the right one"
+    if speaker_task:
+        line += (f"\nspeaker task accuracy (ranking the {len({e.response for e in examples[:n]})} names): "
+                 f"{score_speaker_task(model, examples, device):.3f} (always the most common: {majority_baseline(examples[:n]):.3f})")
+    return line

@@ -162,3 +162,39 @@ def test_sft_batches_drive_the_model_in_train_py_shape():
     _, loss = model(x, y, mask)
     loss.backward()
     assert torch.isfinite(loss) and x.shape[1] <= cfg.block_size
+
+
+def test_score_answers_is_greedy_decoding_until_endoftext():
+    """score_answers against a plain greedy loop (one full forward per token, no generate()), on a real
+    model whose answers are forced: its head is rigged so that after a prompt it says one fixed answer."""
+    cfg = Config(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50304, dropout=0.0, device="cpu")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    examples = tokenize_examples([{"prompt": f"Line: {w} and more\nSpeaker:", "response": r}
+                                  for w, r in [("a", " HAMLET"), ("b", " IAGO"), ("c", " HAMLET"), ("d", " ROMEO")]])
+    got = sft.score_answers(model, examples, "cpu")
+    assert model.training  # the model's mode is restored
+    answers = {e.response_ids for e in examples}
+    model.eval()
+    exact = valid = 0
+    with torch.no_grad():
+        for ex in examples:
+            ids, out = list(ex.prompt_ids), []
+            while len(out) < max(map(len, answers)) + 1 and (not out or out[-1] != EOT_ID):
+                logits = model(torch.tensor([ids]), torch.tensor([ids]))[0]  # with targets: every position
+                out.append(int(logits[0, -1].argmax()))
+                ids.append(out[-1])
+            exact += tuple(out) == ex.response_ids
+            valid += tuple(out) in answers
+    assert got == {"exact": exact / 4, "valid": valid / 4}
+
+    # trained to always answer " HAMLET": every answer is then valid, and right on the two HAMLET lines
+    train = tokenize_examples([{"prompt": f"Line: {w} and more\nSpeaker:", "response": " HAMLET"} for w in "efgh"])
+    x, y, mask = SFTBatches(train, 4, 64, seed=0).next()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(x, y, mask)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sft.score_answers(model, examples, "cpu") == {"exact": 0.5, "valid": 1.0}
