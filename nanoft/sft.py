@@ -208,7 +208,10 @@ MIN_WORDS = 4  # shorter lines ("Ay, my lord.") say too little about who speaks 
 
 
 def speaker_prompt(line: str) -> str:
-    return f"Line: {line}\nSpeaker:"
+    """The answer starts a new line, as speaker names do in the plays ("\n\nHAMLET:\n..."), so it is made of
+    the tokens the base saw there: "HAM" "LET". Written as " HAMLET" after "Speaker:" it would be " HAM" "LET",
+    and " HAM" is a token the base almost never saw, which a frozen base may be unable to make likely at all."""
+    return f"Line: {line}\nSpeaker:\n"
 
 
 def build_speaker_task(plays: tuple = SPEAKER_TASK_PLAYS, per_speaker: int = PER_SPEAKER) -> list[dict]:
@@ -231,7 +234,7 @@ def build_speaker_task(plays: tuple = SPEAKER_TASK_PLAYS, per_speaker: int = PER
     examples = []
     for (_, s), ls in by_speaker.items():
         for line in rng.sample(ls, min(per_speaker, len(ls))):
-            examples.append({"prompt": speaker_prompt(line), "response": f" {s}"})
+            examples.append({"prompt": speaker_prompt(line), "response": s})
     return examples
 
 

@@ -128,8 +128,8 @@ def test_embedded_speaker_task_and_its_score(tmp_path, monkeypatch):
     assert (tmp_path / "speaker_task" / "train.jsonl").exists()
     assert len(load_sft_jsonl(tmp_path / "speaker_task" / "val.jsonl")) == len(val)
     speakers = {e.response for e in train}
-    assert speakers == {" HAMLET", " IAGO", " BRUTUS", " KING LEAR", " MACBETH", " ROMEO"}
-    assert val[0].prompt.startswith("Line: ") and val[0].prompt.endswith("\nSpeaker:")
+    assert speakers == {"HAMLET", "IAGO", "BRUTUS", "KING LEAR", "MACBETH", "ROMEO"}
+    assert val[0].prompt.startswith("Line: ") and val[0].prompt.endswith("\nSpeaker:\n")
     baseline = sft.majority_baseline(val)
     assert 1 / 6 <= baseline < 0.3  # balanced classes
 
