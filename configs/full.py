@@ -1,7 +1,7 @@
 """Full fine-tuning of the CPU base (out/tiny) on the embedded speaker task: every weight trains.
 
     python train.py configs/tiny.py     # first: the base checkpoint in out/tiny (~5 minutes)
-    python train.py configs/full.py     # ~3 minutes on 2 CPU cores; then scores its answers on the val split
+    python train.py configs/full.py     # ~5 minutes on 2 CPU cores; then scores its answers on the val split
 Compare with configs/lora.py and configs/qlora.py (same data, steps and batches): bench/compare_finetune.py.
 """
 import dataclasses

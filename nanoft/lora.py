@@ -15,8 +15,8 @@ QLoRA (Dettmers et al., 2023, https://arxiv.org/abs/2305.14314) additionally sto
 in the compute dtype; the adapters stay in that compute dtype (bfloat16 on CUDA, float32 on CPU).
 
     model = apply_lora(GPT(cfg), cfg)       # cfg.finetune "lora" or "qlora"; everything else frozen
-    print(trainable_summary(model))         # configs/lora.py: trainable params: 16,384 of 7,256,832 (0.23%)
-    sd = adapter_state_dict(model)          # only the A and B tensors: 64 KiB for configs/lora.py
+    print(trainable_summary(model))         # configs/lora.py: trainable params: 18,688 of 7,256,832 (0.26%)
+    sd = adapter_state_dict(model)          # the A and B tensors (and trained norms): 73 KiB for configs/lora.py
     merged = merge_lora(model)              # plain nn.Linear layers again: no LoRA code needed to run it
 
     python -m nanoft.lora merge --adapter out/lora --out out/lora-merged   # then: python sample.py out/lora-merged
