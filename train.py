@@ -143,9 +143,7 @@ def main(argv: list[str]) -> None:
               f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer}")
 
     # ---- the loop ----
-    # redrawn 10x a second on a terminal; in a log file (not a TTY) one line a minute is plenty
-    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master,
-               mininterval=0.1 if sys.stderr.isatty() else 60)
+    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
     completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
     position_at_step_start = train_batches.state_dict()
     try:
@@ -185,7 +183,7 @@ def main(argv: list[str]) -> None:
                     if cfg.wandb_log:
                         wandb.log(record, step=done)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}), refresh=False)
+                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                     if "val_loss" in record:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
             if done % cfg.save_interval == 0 or last:
