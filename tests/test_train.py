@@ -104,14 +104,21 @@ def committed_step(out_dir) -> int:
 
 def test_ctrl_c_saves_and_exits(tmp_path):
     args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
-    proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack (see below)
+    proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     metrics = tmp_path / "metrics.jsonl"
     try:
         deadline = time.time() + 120
         while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # hung: show where, so that the cause can be found
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"train.py did not exit within 60 s of Ctrl-C; where it was:\n{err[-4000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
