@@ -15,6 +15,7 @@ ckpt-<step>.safetensors). Ctrl-C saves a checkpoint and exits.
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C (or kill -INT) saves and exits, even for a run started in the background (`... &`, nohup), which
+    # inherits SIGINT as ignored, so Python would not turn it into KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:

@@ -105,8 +105,9 @@ def committed_step(out_dir) -> int:
 def test_ctrl_c_saves_and_exits(tmp_path):
     args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack (see below)
+    # started as a shell starts a background job (`python train.py ... &`): SIGINT inherited as ignored
     proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     metrics = tmp_path / "metrics.jsonl"
     try:
         deadline = time.time() + 120
