@@ -1,5 +1,5 @@
 """LoRA fine-tuning of the CPU base (out/tiny) on the embedded speaker task: rank-8 adapters on the
-attention query and value projections; everything else frozen.
+attention query and value projections, plus the LayerNorms; everything else frozen.
 
     python train.py configs/tiny.py     # first: the base checkpoint in out/tiny (~5 minutes)
     python train.py configs/lora.py     # ~4 minutes on 2 CPU cores; saves only the adapter (~80 KB)
@@ -16,9 +16,9 @@ config = Config(
     lora_alpha=16.0,
     lora_dropout=0.05,
     lora_targets=("q_proj", "v_proj"),  # the LoRA paper's default; add out_proj, fc_in, fc_out for more capacity
-    # the LayerNorms train too (2,304 numbers here). This 5-minute base's frozen final norm and tied head cap
-    # how likely any token can be made (<|endoftext|>: -log p >= 6.3 whatever the adapters do), and the
-    # answers need rare tokens (" HAM" >= 8.1); see nanoft/lora.py's apply_lora
+    # the LayerNorms train too (2,304 numbers here): this 5-minute base's frozen final norm and tied head cap
+    # how likely any token can be made (<|endoftext|>: -log p >= 6.3 whatever the adapters do); see
+    # nanoft/lora.py's apply_lora
     lora_train_norms=True,
     # the base's shape (configs/tiny.py); a shorter context is fine: the task's examples are ~30 tokens
     n_layer=4,
