@@ -198,3 +198,12 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
         loss.backward()
         opt.step()
     assert sft.score_answers(model, examples, "cpu") == {"exact": 0.5, "valid": 1.0}
+
+
+def test_task_report_skips_long_free_text_answers():
+    cfg = Config(n_layer=1, n_head=2, n_embd=32, block_size=64, dropout=0.0, device="cpu")
+    model = GPT(cfg)
+    short = tokenize_examples([{"prompt": "Q: 1+1?\nA:", "response": " 2"}, {"prompt": "Q: 2+2?\nA:", "response": " 4"}])
+    assert sft.task_report(model, short, "cpu", speaker_task=False).startswith("val answers (greedy, 2 prompts): ")
+    long = tokenize_examples([{"prompt": "Tell a story.", "response": " once upon a time" * 10}] * 2)
+    assert "not scored (answers of up to 41 tokens" in sft.task_report(model, long, "cpu", speaker_task=False)
