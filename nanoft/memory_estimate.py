@@ -88,6 +88,7 @@ class ParamSpec:
     name: str
     shape: tuple
     target: str = ""  # q_proj ... fc_out for block linears (LLaMA's are mapped onto these names)
+    norm: bool = False  # a LayerNorm/RMSNorm gain or bias (trainable under lora_train_norms)
 
     @property
     def numel(self) -> int:
@@ -125,14 +126,10 @@ def param_specs(shape: ModelShape) -> list[ParamSpec]:
     return specs
 
 
-def _is_norm(p: ParamSpec) -> bool:
-    return p.name.rsplit(".", 2)[-2] in ("ln_1", "ln_2", "ln_f", "input_norm", "post_attention_norm", "norm")
-
-
 def _norm(shape: ModelShape, name: str) -> list[ParamSpec]:
-    specs = [ParamSpec(name + ".weight", (shape.n_embd,))]
+    specs = [ParamSpec(name + ".weight", (shape.n_embd,), norm=True)]
     if shape.arch == "gpt" and shape.bias:  # LayerNorm(bias=...); RMSNorm has no bias
-        specs.append(ParamSpec(name + ".bias", (shape.n_embd,)))
+        specs.append(ParamSpec(name + ".bias", (shape.n_embd,), norm=True))
     return specs
 
 
@@ -189,7 +186,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
         raise ValueError("LoRA and QLoRA need the layer shapes: give --shape or dimensions, not only --params")
     trainable, frozen = [], 0
     for p in specs:
-        if run.norms_trainable and _is_norm(p):
+        if run.norms_trainable and p.norm:
             trainable.append((p, 4))
             continue
         if run.mode == "qlora" and p.target and len(p.shape) == 2:  # every block linear becomes NF4
