@@ -40,6 +40,7 @@ from nanoft.config import Config
 from nanoft.data import get_tokenizer
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: ends every response
+SCORED_EXAMPLES = 300  # the val examples the scores look at (the val split is already shuffled)
 SPLIT_SEED = 0  # fixed, not cfg.seed: every run (full, lora, qlora, any seed) is scored on the same val set
 VAL_FRACTION = 0.1
 
@@ -267,7 +268,7 @@ def majority_baseline(examples: list[SFTExample]) -> float:
 
 @torch.no_grad()
 def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
-                       max_examples: int = 300, rows_per_forward: int = 64) -> float:
+                       max_examples: int = SCORED_EXAMPLES, rows_per_forward: int = 64) -> float:
     """Accuracy at naming the speaker, by ranking: for each example, every candidate answer (the distinct
     responses among `examples`) is scored by its log-likelihood log p(response + <|endoftext|> | prompt),
     summed over its tokens, and the best is the prediction. This is cheaper than greedy generation (one
@@ -303,7 +304,7 @@ def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], devic
 
 @torch.no_grad()
 def score_answers(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
-                  max_examples: int = 300) -> dict[str, float]:
+                  max_examples: int = SCORED_EXAMPLES) -> dict[str, float]:
     """What the model answers, decoding greedily after each prompt until <|endoftext|> (or as many tokens as
     the longest expected answer, plus one): {"exact": the fraction whose answer, <|endoftext|> included,
     is the expected one; "valid": the fraction that answer with one of the answers found among `examples`
@@ -338,7 +339,7 @@ def task_report(model: torch.nn.Module, examples: list[SFTExample], device: str 
                 speaker_task: bool) -> str:
     """The line train.py prints after fine-tuning: greedy answers on the val split and, for the speaker task,
     its ranking accuracy beside the majority baseline."""
-    n = min(300, len(examples))
+    n = min(SCORED_EXAMPLES, len(examples))
     longest = max(len(e.response_ids) for e in examples[:n])
     if longest > MAX_SCORED_ANSWER:  # free text: slow to decode, and an exact match would say little
         return f"val answers: not scored (answers of up to {longest} tokens; exact match is for short answers)"

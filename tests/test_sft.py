@@ -165,8 +165,8 @@ def test_sft_batches_drive_the_model_in_train_py_shape():
 
 
 def test_score_answers_is_greedy_decoding_until_endoftext():
-    """score_answers against a plain greedy loop (one full forward per token, no generate()), on a real
-    model whose answers are forced: its head is rigged so that after a prompt it says one fixed answer."""
+    """score_answers against a plain greedy loop (one full forward per token, no generate()) on a random
+    model, then on the same model trained to always answer " HAMLET"."""
     cfg = Config(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50304, dropout=0.0, device="cpu")
     torch.manual_seed(0)
     model = GPT(cfg)
