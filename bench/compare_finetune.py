@@ -38,7 +38,7 @@ from nanoft import checkpoint  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
 from nanoft.lora import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
 from nanoft.model import GPT, load_pretrained  # noqa: E402
-from nanoft.sft import load_sft_splits, majority_baseline, score_answers, score_speaker_task  # noqa: E402
+from nanoft.sft import SCORED_EXAMPLES, load_sft_splits, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 
 KINDS = ("full", "lora", "qlora")
 
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
         if base is None:  # every config fine-tunes the same base: score it once
             base_model = load_pretrained(dataclasses.replace(cfg, finetune="none", dropout=0.0), ck.base_from)
             base = {"answers": score_answers(base_model, val, "cpu"), "rank": score_speaker_task(base_model, val, "cpu"),
-                    "majority": majority_baseline(val[:300])}
+                    "majority": majority_baseline(val[:SCORED_EXAMPLES])}
         trainable, total = count_params(model)
         peak, how = peak_tensor_bytes(load_config(str(ROOT / f"configs/{kind}.py"), overrides))
         metrics = [json.loads(line) for line in (ROOT / out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
 
     print(f"\nbase {ck.base_from}: answers {base['answers']['valid']:.1%} valid, {base['answers']['exact']:.1%} right;"
           f" rank acc {base['rank']:.3f}; majority baseline {base['majority']:.3f}"
-          f" (val split, {min(300, len(val))} examples, {len({e.response for e in val})} speakers)")
+          f" (val split, {min(SCORED_EXAMPLES, len(val))} examples, {len({e.response for e in val})} speakers)")
     print(f"peak tensors: {how}; peak RSS: ru_maxrss of each train.py process\n")
     head = f"{'run':<6} {'optimizer':<16} {'trainable params':>24} {'optim state':>12} {'peak tensors':>13} " \
            f"{'peak RSS':>10} {'wall':>7} {'val loss':>8} {'valid':>6} {'right':>6} {'rank acc':>8}"
