@@ -1,14 +1,26 @@
 """Test set-up. Triton kernels run on CPU only through its interpreter, which must be switched on
-before anything imports triton (torch itself does not): so it is set here, first, when CUDA is absent."""
+before anything imports triton (torch itself does not): so it is set here, first, when CUDA is absent.
+
+On a CUDA machine the same tests run the *compiled* kernels: a test of backend="triton" puts its inputs
+on `device_for("triton")` (the GPU there, the CPU under the interpreter here) and compares results on
+the CPU, against the PyTorch reference and bitsandbytes' CPU functions."""
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("NANOFT_OFFLINE", "1")  # tests never download
+
+
+def device_for(backend: str) -> str:
+    """Where a kernel backend runs: Triton on the GPU when there is one (else the interpreter on the CPU);
+    the PyTorch reference always on the CPU, where bitsandbytes' reference functions also run."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
 
 
 @pytest.fixture
