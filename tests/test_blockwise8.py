@@ -1,11 +1,26 @@
-"""8-bit blockwise dynamic quantization: Triton (interpreted on CPU) == reference == bitsandbytes, bit for bit."""
+"""8-bit blockwise dynamic quantization: Triton (interpreted on CPU, compiled on CUDA) == reference == bitsandbytes,
+bit for bit. bitsandbytes runs on the CPU; our kernels where their backend runs (conftest.device_for)."""
 import pytest
 import torch
 
 import bitsandbytes.functional as bnbF
+from conftest import device_for
 from nanoft.kernels import dequantize_blockwise8, dynamic_map, quantize_blockwise8
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def quantize(x, code=None, blocksize=256, backend="auto"):
+    """quantize_blockwise8 where `backend` runs, codes and absmax brought back to the CPU."""
+    dev = device_for(backend)
+    q, absmax = quantize_blockwise8(x.to(dev), None if code is None else code.to(dev), blocksize, backend=backend)
+    return q.cpu(), absmax.cpu()
+
+
+def dequantize(q, absmax, code=None, blocksize=256, dtype=torch.float32, backend="auto"):
+    dev = device_for(backend)
+    return dequantize_blockwise8(q.to(dev), absmax.to(dev), None if code is None else code.to(dev), blocksize, dtype,
+                                 backend=backend).cpu()
 
 
 def bnb_quantize(x, code, blocksize):
@@ -39,12 +54,12 @@ def test_matches_bitsandbytes(backend, dtype, shape, blocksize):
     code = dynamic_map(True)
     x = (torch.randn(shape) * 3).to(dtype)
     q_ref, absmax_ref = bnb_quantize(x, code, blocksize)
-    q, absmax = quantize_blockwise8(x, code, blocksize, backend=backend)
+    q, absmax = quantize(x, code, blocksize, backend=backend)
     assert q.dtype == torch.uint8 and q.shape == x.shape
     assert same_bits(absmax, absmax_ref)
     assert torch.equal(q, q_ref)
     for out_dtype in DTYPES:
-        ours = dequantize_blockwise8(q, absmax, code, blocksize, out_dtype, backend=backend)
+        ours = dequantize(q, absmax, code, blocksize, out_dtype, backend=backend)
         assert same_bits(ours, bnb_dequantize(q_ref, absmax_ref, code, blocksize, out_dtype))
 
 
@@ -54,10 +69,10 @@ def test_unsigned_map_and_default_code(backend):
     x = torch.rand(3000) ** 4  # second-moment-like: non-negative, heavy mass near 0
     code = dynamic_map(False)
     q_ref, absmax_ref = bnb_quantize(x, code, 256)
-    q, absmax = quantize_blockwise8(x, code, backend=backend)
+    q, absmax = quantize(x, code, backend=backend)
     assert torch.equal(q, q_ref) and same_bits(absmax, absmax_ref)
     # code=None means the signed map
-    q, absmax = quantize_blockwise8(x - 0.5, backend=backend)
+    q, absmax = quantize(x - 0.5, backend=backend)
     q_ref, absmax_ref = bnb_quantize(x - 0.5, dynamic_map(True), 256)
     assert torch.equal(q, q_ref) and same_bits(absmax, absmax_ref)
 
@@ -75,7 +90,7 @@ def test_near_ties_follow_bitsandbytes(backend):
     x[::256] = 1.7  # every block's absmax is 1.7
     x = x[:5003]  # a short tail block too
     q_ref, absmax_ref = bnb_quantize(x, code, 256)
-    q, absmax = quantize_blockwise8(x, code, 256, backend=backend)
+    q, absmax = quantize(x, code, 256, backend=backend)
     assert torch.equal(q, q_ref) and same_bits(absmax, absmax_ref)
 
 
@@ -83,20 +98,20 @@ def test_near_ties_follow_bitsandbytes(backend):
 def test_zero_block_and_non_contiguous(backend):
     x = torch.randn(64, 40)
     x[:8] = 0  # the first 320 elements: block 0 (256) is all zero
-    xt = x.t()  # non-contiguous: quantized in xt's own row-major order
-    for inp in (xt, x):
-        q, absmax = quantize_blockwise8(inp, blocksize=256, backend=backend)
+    x_dev = x.to(device_for(backend))  # the transposed view is taken where the kernel runs (.to() would copy it contiguous)
+    for inp, inp_dev in ((x.t(), x_dev.t()), (x, x_dev)):  # x.t() is quantized in its own row-major order
+        q, absmax = (t.cpu() for t in quantize_blockwise8(inp_dev, blocksize=256, backend=backend))
         q_ref, absmax_ref = bnb_quantize(inp, dynamic_map(True), 256)
         assert torch.equal(q, q_ref) and same_bits(absmax, absmax_ref)
-        out = dequantize_blockwise8(q, absmax, blocksize=256, backend=backend)
+        out = dequantize(q, absmax, blocksize=256, backend=backend)
         assert not out.isnan().any()
     assert absmax[0] == 0 and (out.reshape(-1)[:256] == 0).all()  # x: zeros in, zeros out
 
 
 def test_empty_tensor():
-    q, absmax = quantize_blockwise8(torch.empty(0, 5), backend="triton")
+    q, absmax = quantize(torch.empty(0, 5), backend="triton")
     assert q.shape == (0, 5) and absmax.shape == (0,)
-    assert dequantize_blockwise8(q, absmax, backend="triton").shape == (0, 5)
+    assert dequantize(q, absmax, backend="triton").shape == (0, 5)
 
 
 def test_clear_errors():

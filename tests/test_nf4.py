@@ -1,4 +1,4 @@
-"""NF4 quantization: Triton (interpreted on CPU) == reference == bitsandbytes, bit for bit.
+"""NF4 quantization: Triton (interpreted on CPU, compiled on CUDA) == reference == bitsandbytes, bit for bit.
 
 One bitsandbytes 0.50.2 CPU bug is worked around: its C dequantize_4bit kernel, on its vectorized path
 (last dimension a multiple of 16), indexes absmax per row as if every row started a new block, so when the
@@ -22,11 +22,21 @@ from hypothesis import strategies as st
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.functional import QuantState
+from conftest import device_for
 from nanoft.kernels import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
+
+
+def quantize(x, blocksize=64, double_quant=False, backend="auto"):
+    """quantize_nf4 on the device where `backend` runs (conftest.device_for), the state brought back to the CPU."""
+    return quantize_nf4(x.to(device_for(backend)), blocksize, double_quant, backend=backend).to("cpu")
+
+
+def dequantize(q, dtype=None, backend="auto"):
+    return dequantize_nf4(q.to(device_for(backend)), dtype, backend=backend).cpu()
 
 
 def bnb_quantize(x, blocksize, double_quant):
@@ -81,13 +91,13 @@ def as_bnb_state(q: NF4State) -> QuantState:
 
 
 def check_against_bnb(x: torch.Tensor, blocksize: int, double_quant: bool, backend: str, out_dtypes=DTYPES):
-    packed_ref, state_ref = bnb_quantize(x, blocksize, double_quant)
-    q = quantize_nf4(x, blocksize, double_quant, backend=backend)
+    packed_ref, state_ref = bnb_quantize(x.cpu(), blocksize, double_quant)
+    q = quantize(x, blocksize, double_quant, backend=backend)
     assert q.shape == x.shape and q.dtype == x.dtype and q.blocksize == blocksize
     assert_same_format(q, packed_ref, state_ref)
     for dtype in out_dtypes:
         ref = bnb_dequantize(packed_ref, state_ref, dtype)
-        ours = dequantize_nf4(q, dtype, backend=backend)
+        ours = dequantize(q, dtype, backend=backend)
         assert same_bits(ours, ref), f"dequantize to {dtype} differs"
         assert same_bits(bnb_dequantize(q.packed.view(-1, 1), as_bnb_state(q), dtype), ref)  # bnb reads ours
     return q
@@ -120,7 +130,7 @@ def test_bitsandbytes_cpu_dequantize_row_bug():
     packed_ref, state_ref = bnb_quantize(x, 512, False)
     buggy = bnb_dequantize(packed_ref, state_ref, torch.float32, allow_row_bug=True)
     spec = bnb_dequantize(packed_ref, state_ref, torch.float32)
-    ours = dequantize_nf4(quantize_nf4(x, 512))
+    ours = dequantize(quantize(x, 512))
     assert same_bits(ours, spec) and not torch.equal(buggy, spec)
     assert (ours - x).abs().max() < (buggy - x).abs().max()
 
@@ -135,7 +145,7 @@ def test_our_dequantize_reads_bitsandbytes_output(backend):
                      blocksize=64, offset=state_ref.offset,
                      nested_absmax=state_ref.state2.absmax if double_quant else None)
         for dtype in DTYPES:
-            assert same_bits(dequantize_nf4(q, dtype, backend=backend), bnb_dequantize(packed_ref, state_ref, dtype))
+            assert same_bits(dequantize(q, dtype, backend=backend), bnb_dequantize(packed_ref, state_ref, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -156,17 +166,17 @@ def test_zero_blocks_give_zeros(backend):
     x = torch.cat([x.view(-1), torch.zeros(10)])  # and an all-zero tail block
     for double_quant in (False, True):
         q = check_against_bnb(x, 64, double_quant, backend)
-        out = dequantize_nf4(q, backend=backend)
+        out = dequantize(q, backend=backend)
         assert not out.isnan().any()
         assert (out[3 * 64:4 * 64] == 0).all() and (out[-10:] == 0).all()
-    q = quantize_nf4(x, 64, backend=backend)
+    q = quantize(x, 64, backend=backend)
     assert q.absmax[3] == 0 and q.absmax[-1] == torch.tensor(1e-38)  # bitsandbytes clamps the tail's absmax
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input(backend):
     torch.manual_seed(3)
-    x = torch.randn(40, 70)
+    x = torch.randn(40, 70).to(device_for(backend))  # the views are made where the kernel runs: .to() would copy them contiguous
     for view in (x.t(), x[:, ::3], x[::2].t()[5:]):
         assert not view.is_contiguous()
         check_against_bnb(view, 64, True, backend, out_dtypes=[torch.float32])
@@ -175,11 +185,11 @@ def test_non_contiguous_input(backend):
 def test_triton_equals_reference_on_a_larger_tensor():
     torch.manual_seed(4)
     x = torch.randn(130, 257, dtype=torch.float16)
-    a = quantize_nf4(x, 64, True, backend="torch")
-    b = quantize_nf4(x, 64, True, backend="triton")
+    a = quantize(x, 64, True, backend="torch")
+    b = quantize(x, 64, True, backend="triton")
     for name in ("packed", "absmax", "offset", "nested_absmax"):
         assert same_bits(getattr(a, name), getattr(b, name)), name
-    assert same_bits(dequantize_nf4(a, backend="torch"), dequantize_nf4(b, backend="triton"))
+    assert same_bits(dequantize(a, backend="torch"), dequantize(b, backend="triton"))
 
 
 def test_reconstruction_error_equals_bitsandbytes():
@@ -188,7 +198,7 @@ def test_reconstruction_error_equals_bitsandbytes():
     for double_quant in (False, True):
         packed_ref, state_ref = bnb_quantize(x, 64, double_quant)
         err_ref = (bnb_dequantize(packed_ref, state_ref, torch.float32) - x).abs().mean()
-        err = (dequantize_nf4(quantize_nf4(x, 64, double_quant, backend="triton"), backend="triton") - x).abs().mean()
+        err = (dequantize(quantize(x, 64, double_quant, backend="triton"), backend="triton") - x).abs().mean()
         assert err == err_ref and err < 0.02 * 0.1  # about 8% of the weights' std: NF4 is coarse
 
 
