@@ -12,7 +12,13 @@ does not force re-tuning the learning rate.
 
 QLoRA (Dettmers et al., 2023, https://arxiv.org/abs/2305.14314) additionally stores the frozen W0 as
 4-bit NormalFloat with double-quantized block scales (`nanoft.quant.Linear4bit`), dequantized on the fly
-in the compute dtype; the adapters stay in that compute dtype (bfloat16 on CUDA, float32 on CPU).
+in the compute dtype.
+
+Precision, as peft and litgpt do it: everything frozen (embeddings, the frozen linears, frozen norms) is
+stored in the compute dtype (bfloat16 on CUDA: half the bytes of float32; float32 on CPU), while what
+trains (the adapters, and norms under lora_train_norms) keeps float32 master weights. Under bf16 autocast
+the matmuls still run in bf16, but the optimizer adds its small late updates to float32 numbers, where a
+bf16 weight would round them away (bf16 keeps 8 significant bits: 1 + 1e-3 == 1).
 
     model = apply_lora(GPT(cfg), cfg)       # cfg.finetune "lora" or "qlora"; everything else frozen
     print(trainable_summary(model))         # configs/lora.py: trainable params: 18,688 of 7,256,832 (0.26%)
@@ -64,7 +70,7 @@ class LoRALinear(nn.Module):
     base: an nn.Linear or a nanoft.quant.Linear4bit; it is frozen here (requires_grad False).
     Init: (1) A ~ Kaiming-uniform(a=sqrt(5)), as nn.Linear initialises its weight, so the A x features
     start at a sensible scale; (2) B = 0, so the update B A is zero and the output equals the base's.
-    The adapters live on the base's device, in its dtype (for an NF4 base: its compute dtype).
+    The adapters live on the base's device, in float32 (master weights; see the module docstring).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
@@ -80,12 +86,9 @@ class LoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if isinstance(base, nn.Linear):
-            device, dtype = base.weight.device, base.weight.dtype
-        else:
-            device, dtype = base.weight.device, base.compute_dtype  # base.weight holds the packed codes
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        device = base.weight.device  # for an NF4 base, base.weight holds the packed codes
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=torch.float32))
         self.merged = False
         self._quantized_base: nn.Module | None = None  # the NF4 base, put aside while merged
         self.reset_parameters()
@@ -106,7 +109,10 @@ class LoRALinear(nn.Module):
         out = self.base(x)  # (..., out)
         if self.merged:  # the update already sits inside the base weight
             return out
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r): the narrow bottleneck
+        d = self.dropout(x)
+        if not torch.is_autocast_enabled(d.device.type):  # under autocast F.linear casts both sides itself
+            d = d.to(self.lora_A.dtype)
+        h = F.linear(d, self.lora_A)  # (..., r): the narrow bottleneck
         return out + self.scaling * F.linear(h, self.lora_B).to(out.dtype)  # (..., out)
 
     @torch.no_grad()
@@ -167,7 +173,8 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: Config, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
     """Turn a GPT into a LoRA ("lora") or QLoRA ("qlora") model in place and return it; "full" and
     "none" return it unchanged.
 
@@ -176,6 +183,10 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
     qlora: first every linear layer of the blocks (q, k, v, out, fc_in, fc_out; the frozen base) becomes
            an NF4 Linear4bit (cfg.nf4_blocksize, cfg.double_quant, compute dtype as compute_dtype(cfg)),
            then the targets get adapters in that compute dtype.
+    device: where the model will run. QLoRA moves each linear there just before quantizing it, so the
+    quantization runs on that device (the Triton kernel on CUDA) and the full float model never sits on it.
+    dtype: what the frozen float weights are stored in (default compute_dtype(cfg); see the module
+    docstring); the adapters and trained norms are float32 whatever it is.
     Embeddings and the tied head stay float and frozen in both. The LayerNorms stay float too, and train
     when cfg.lora_train_norms (as LongLoRA, arXiv:2309.12307, trains them): 2 * n_embd numbers each.
     Why that can matter: the head's logits are ln_f(h) @ wte^T. With ln_f and wte frozen, ln_f's output
@@ -188,13 +199,15 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters; apply_lora must be called once")
     model.requires_grad_(False)
-    dtype = compute_dtype(cfg)
+    dtype = dtype or compute_dtype(cfg)
     for i in range(len(model.blocks)):
         if cfg.finetune == "qlora":
             from nanoft.quant import Linear4bit
 
             for path in BLOCK_LINEARS.values():
                 linear = model.blocks[i].get_submodule(path)
+                if device is not None:
+                    linear = linear.to(device)
                 q = Linear4bit.from_linear(linear, blocksize=cfg.nf4_blocksize, double_quant=cfg.double_quant,
                                            compute_dtype=dtype)
                 _set_submodule(model.blocks[i], path, q)  # the float weight is freed with `linear`
@@ -207,7 +220,10 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.requires_grad_(True)
-    return model
+    with torch.no_grad():  # frozen: compute dtype; trained: float32 master weights
+        for p in model.parameters():
+            p.data = p.data.to(dtype if not p.requires_grad and p.is_floating_point() else p.dtype)
+    return model.to(device) if device is not None else model
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -261,11 +277,19 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
             own[k].copy_(v)  # own[k] shares storage with the parameter
 
 
-def adapter_config(cfg: Config) -> dict:
-    """What is needed to rebuild the adapted model: saved beside the adapter weights as JSON."""
-    return {"finetune": cfg.finetune, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-            "targets": list(cfg.lora_targets), "train_norms": cfg.lora_train_norms, "base": cfg.init_from,
-            "nf4_blocksize": cfg.nf4_blocksize, "double_quant": cfg.double_quant}
+def adapter_config(cfg: Config, base_from: str | None = None) -> dict:
+    """What is needed to rebuild the adapted model: saved beside the adapter weights as JSON. Given the base
+    it was trained on, it also records that base by content (its absolute path and the sha256 of its tensor
+    file), so that applying the adapter to another base, or to the same path trained further, is refused."""
+    config = {"finetune": cfg.finetune, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+              "targets": list(cfg.lora_targets), "train_norms": cfg.lora_train_norms, "base": base_from or cfg.init_from,
+              "nf4_blocksize": cfg.nf4_blocksize, "double_quant": cfg.double_quant}
+    if base_from and base_from != "scratch":
+        from nanoft.run_guard import base_identity
+
+        identity = base_identity(base_from)
+        config.update(base_path=identity["path"], base_sha256=identity["sha256"])
+    return config
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -292,7 +316,7 @@ def trainable_summary(model: nn.Module) -> str:
 
 # --- the merge command ---------------------------------------------------------------------------
 
-def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None) -> Path:
+def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, overwrite: bool = False) -> Path:
     """Read a LoRA/QLoRA run's checkpoint (adapter weights + config), rebuild its base, merge, and save
     a full nanoft checkpoint with finetune="none" that sample.py and train.py load with no LoRA code.
     For QLoRA the merged weights are the NF4-dequantized base plus the update: the function the adapter
@@ -300,11 +324,16 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None) ->
     from nanoft import checkpoint
     from nanoft.model import load_pretrained
 
+    from nanoft.run_guard import check_adapter_base, check_output_dir, lock_dir
+
     ck = checkpoint.load(adapter_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
     if cfg.finetune not in ("lora", "qlora"):
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
     base = base or ck.base_from
+    check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read
+    check_adapter_base(ck, adapter_dir, base)
+    owner = lock_dir(out_dir, "python -m nanoft.lora merge")  # noqa: F841 (held until we return)
     model = apply_lora(load_pretrained(cfg, base), cfg)
     load_adapter_state_dict(model, ck.model)
     model = merge_lora(model).float()
@@ -320,12 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     merge = sub.add_parser("merge", help="merge an adapter checkpoint into its base; write a full checkpoint")
     merge.add_argument("--adapter", required=True, help="out_dir of a lora/qlora run (ckpt.json inside)")
     merge.add_argument("--out", required=True, help="directory for the merged full checkpoint")
-    merge.add_argument("--base", default=None, help="override the base recorded in the adapter checkpoint")
+    merge.add_argument("--base", default=None, help="the base's path, if it moved (its content must match the recorded one)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     args = parser.parse_args(argv)
     from nanoft.checkpoint import CheckpointError
 
     try:
-        path = merge_checkpoint(args.adapter, args.out, args.base)
+        path = merge_checkpoint(args.adapter, args.out, args.base, args.overwrite)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"merged {args.adapter} into its base: wrote {path}")

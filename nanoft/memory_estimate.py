@@ -157,8 +157,12 @@ class Run:
         return self.mode == "full" or self.cfg.lora_train_norms
 
     @property
-    def adapter_bytes(self) -> int:  # LoRA adapters: the base's fp32; QLoRA's: the compute dtype
-        return self.act_bytes if self.mode == "qlora" else 4
+    def adapter_bytes(self) -> int:  # LoRA/QLoRA adapters: float32 master weights (nanoft.lora's docstring)
+        return 4
+
+    @property
+    def frozen_bytes(self) -> int:  # the frozen base: stored in the compute dtype (bf16 on CUDA), as peft does
+        return self.act_bytes
 
 
 def nf4_bytes(numel: int, blocksize: int, double_quant: bool, on_cpu: bool = True) -> int:
@@ -170,8 +174,8 @@ def nf4_bytes(numel: int, blocksize: int, double_quant: bool, on_cpu: bool = Tru
     if not double_quant:
         return codes + 4 * blocks
     nested = math.ceil(blocks / 256)
-    # quantized on the CPU, the 8-bit absmax is a view of a buffer padded to whole nested blocks of 256
-    # (train.py and apply_lora quantize before model.to(device); moving to a GPU copies only the view)
+    # quantized by the CPU reference, the 8-bit absmax is a view of a buffer padded to whole nested blocks of 256;
+    # on a GPU apply_lora quantizes on the device, with the Triton kernel, which writes only the blocks
     absmax = 256 * nested if on_cpu else blocks
     return codes + absmax + 4 * nested + 4
 
@@ -192,7 +196,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
         if run.mode == "qlora" and p.target and len(p.shape) == 2:  # every block linear becomes NF4
             frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant, run.device == "cpu")
         else:
-            frozen += 4 * p.numel
+            frozen += run.frozen_bytes * p.numel
         if p.target in cfg.lora_targets and len(p.shape) == 2:
             out_f, in_f = p.shape
             trainable += [(ParamSpec(p.name.replace(".weight", ".lora_A"), (cfg.lora_r, in_f)), run.adapter_bytes),
@@ -298,8 +302,6 @@ def _lora_linear(led: _Saved, key: str, x: tuple, fan_out: int, target: str, tra
     if run.mode == "full" or target not in run.cfg.lora_targets:
         return out
     d = led.dropout(key + ".lora_drop", x, run.cfg.lora_dropout)
-    if d[2] != run.adapter_bytes:  # .to(lora_A.dtype): a copy, saved by A's linear
-        d = (key + ".lora_in", d[1], run.adapter_bytes, d[3])
     h = led.linear(key + ".lora_A", d, run.cfg.lora_r, True, run.adapter_bytes)
     led.linear(key + ".lora_B", h, fan_out, True, run.adapter_bytes)
     return out[:3] + (True,)

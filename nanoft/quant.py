@@ -165,6 +165,8 @@ class Linear4bit(nn.Module):
         out = _NF4Linear.apply(x.to(self.compute_dtype), self.weight)  # (..., out_features)
         if self.bias is not None:
             out = out + self.bias.to(self.compute_dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            return out  # as nn.Linear under autocast: the compute dtype, no round trip through x's dtype
         return out.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -311,3 +311,26 @@ def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
     merged = merge_lora(model)  # dequantized base + update, NF4 non-targets dequantized too
     assert not any(isinstance(m, (LoRALinear, quant.Linear4bit)) for m in merged.modules())
     torch.testing.assert_close(logits(merged, x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_frozen_base_in_the_compute_dtype_trained_tensors_in_float32(finetune):
+    """As on CUDA (compute dtype bf16): everything frozen is stored in bf16, half the bytes, while the adapters
+    and the trained norms keep float32 master weights; under bf16 autocast a layer returns bf16 and the
+    model trains (the adapters' float32 gradients flow)."""
+    model, cfg = small_model(finetune=finetune, lora_train_norms=True, lora_targets=LORA_TARGETS)
+    apply_lora(model, cfg, device="cpu", dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad else torch.bfloat16
+        assert p.dtype == want, (name, p.dtype)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or ".ln_" in n or n.startswith("ln_f") for n in trained)
+    x = tokens()
+    with torch.autocast("cpu", torch.bfloat16):
+        layer = model.blocks[0].attn.q_proj
+        assert layer(torch.randn(2, 3, 64)).dtype == torch.bfloat16  # no cast back to the input's float32
+        loss = model(x, x)[1]
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
