@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoft import checkpoint, distributed
+from nanoft import checkpoint, distributed, run_guard
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
+from nanoft.flops import flops_per_token, peak_flops
 from nanoft.lora import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.lr import warmup_cosine
 from nanoft.memory import measured_breakdown
@@ -43,9 +44,13 @@ def pick_device(name: str) -> str:
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":  # bf16 needs no loss scaling; fp16 does (GradScaler below)
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if not device.startswith("cuda"):
+        return torch.float32
+    # bf16 where the GPU has it natively (Ampere and newer) and needs no loss scaling; else fp16 with the
+    # GradScaler below (T4, V100: bf16 there is emulated, slower than fp32)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 @torch.no_grad()
@@ -53,12 +58,12 @@ def estimate_loss(model, batches, eval_iters: int, autocast) -> float:
     """Mean loss over the same eval_iters validation batches every time, so evaluations compare."""
     model.eval()
     batches.load_state_dict({"position": 0})
-    losses = torch.zeros(eval_iters)
-    for i in range(eval_iters):
+    total = 0.0
+    for _ in range(eval_iters):
         with autocast:
-            losses[i] = model(*batches.next())[1]
+            total = total + model(*batches.next())[1].float()  # summed on the device: one sync at the end
     model.train()
-    return losses.mean().item()
+    return (total / eval_iters).item()
 
 
 def main(argv: list[str]) -> None:
@@ -66,9 +71,10 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\n" + describe())
         return
     cfg = load_config(argv[0], argv[1:])
+    owner = run_guard.claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
     resume = checkpoint.load(cfg.out_dir) if cfg.init_from == "resume" else None
-    if resume:  # the run's shape comes from the checkpoint; schedule keys (max_iters...) may change
-        checkpoint.check_compatible(resume.config, cfg.to_dict(), cfg.out_dir, checkpoint.SHAPE_KEYS)
+    if resume:  # the model's shape comes from the checkpoint; other keys may change (printed), a few may not
+        run_guard.check_resume(resume, cfg)
     base_from = resume.base_from if resume else cfg.init_from
 
     device = pick_device(cfg.device)
@@ -85,7 +91,7 @@ def main(argv: list[str]) -> None:
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
     if cfg.finetune in ("lora", "qlora"):
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, device)  # QLoRA quantizes each layer on the device
         if dist.is_master:
             print(trainable_summary(model))
     if resume:
@@ -98,9 +104,9 @@ def main(argv: list[str]) -> None:
     if resume and resume.optim is not None:
         distributed.load_optimizer_state(optimizer, resume.optim, dist)
     raw_model = model
+    model = distributed.wrap(model, dist, device)  # DDP first, then compile: DDP's hooks overlap comm with compute
     if cfg.compile and device_type == "cuda":
         model = torch.compile(model)  # slow first step, faster after
-    model = distributed.wrap(model, dist, device)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
@@ -139,17 +145,21 @@ def main(argv: list[str]) -> None:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=cfg.to_dict(), resume="allow")
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world_size
+    step_flops = flops_per_token(raw_model, cfg.n_layer, cfg.block_size, cfg.n_embd) * tokens_per_step / dist.world_size
+    peak, peak_source = peak_flops(device, dtype)  # per device; MFU below is per device too
     if dist.is_master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {str(dtype).removeprefix('torch.')}"
-              f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer}")
+              f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
 
     # ---- the loop ----
     bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
     completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
     position_at_step_start = train_batches.state_dict()
+    # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
+    # on a GPU every queued kernel of those steps is inside the interval (and eval time is left out of it)
+    t_log, step_log = time.perf_counter(), start_step
     try:
         for step in bar:
-            t0 = time.perf_counter()
             position_at_step_start = train_batches.state_dict()
             lr = warmup_cosine(step, warmup_iters=cfg.warmup_iters, max_iters=cfg.max_iters, lr=cfg.lr, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
@@ -173,8 +183,9 @@ def main(argv: list[str]) -> None:
             last = done == cfg.max_iters
             if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point
-                dt = time.perf_counter() - t0
-                record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+                steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
+                record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
+                          "mfu": step_flops * steps_per_s / peak}
                 if done % cfg.eval_interval == 0 or last:
                     val = torch.tensor(estimate_loss(model, val_batches, cfg.eval_iters, autocast), device=device)
                     record["val_loss"] = distributed.mean_across_ranks(val, dist).item()
@@ -184,11 +195,14 @@ def main(argv: list[str]) -> None:
                     if cfg.wandb_log:
                         wandb.log(record, step=done)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    mfu=f"{100 * record['mfu']:.1f}%",
                                     **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                     if "val_loss" in record:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
             if done % cfg.save_interval == 0 or last:
                 save(done)
+            if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
+                t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
     except KeyboardInterrupt:
         if completed == step:  # interrupted mid-step: its batches are drawn again on resume
             train_batches.load_state_dict(position_at_step_start)

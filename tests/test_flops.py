@@ -1,0 +1,42 @@
+"""Model FLOPs per token (nanoft.flops), the number MFU divides by the device's peak."""
+import dataclasses
+
+import torch
+
+from nanoft.config import Config
+from nanoft.flops import flops_per_token, peak_flops
+from nanoft.lora import apply_lora
+from nanoft.model import GPT
+
+CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, device="cpu")
+
+
+def test_full_training_is_6n_plus_12ltc():
+    """nanoGPT's estimate: 6 FLOPs per weight (forward, and the two halves of backward) plus attention's
+    12 L T C; the tied head is counted once, the position embedding (a lookup) not at all."""
+    model = GPT(CFG)
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    assert flops_per_token(model, 2, 32, 64) == 6 * n + 12 * 2 * 32 * 64
+
+
+def test_lora_skips_the_frozen_weights_gradient_and_nf4_weights_count_in_full():
+    """Frozen weights need no weight gradient: 4 FLOPs each instead of 6. An NF4 layer does the same maths
+    as the float one it replaced, so QLoRA and LoRA have the same model FLOPs."""
+    counts = {}
+    for finetune in ("lora", "qlora"):
+        cfg = dataclasses.replace(CFG, finetune=finetune)
+        torch.manual_seed(0)
+        model = apply_lora(GPT(cfg), cfg)
+        counts[finetune] = flops_per_token(model, 2, 32, 64)
+    torch.manual_seed(0)
+    full = GPT(CFG)
+    n = sum(p.numel() for p in full.parameters()) - full.wpe.weight.numel()
+    adapters = 2 * 2 * (8 * 64 + 64 * 8)  # 2 layers x q, v x (A + B) at the default r=8
+    assert counts["lora"] == 4 * (n + adapters) + 2 * adapters + 12 * 2 * 32 * 64
+    assert counts["qlora"] == counts["lora"]
+
+
+def test_cpu_peak_is_a_measured_matmul():
+    peak, source = peak_flops("cpu", torch.float32)
+    assert source == "measured matmul" and 1e8 < peak < 1e15
+    assert peak_flops("cpu", torch.float32)[0] == peak  # measured once per process
