@@ -108,35 +108,35 @@ def main(argv: list[str]) -> None:
     if cfg.compile and device_type == "cuda":
         model = torch.compile(model)  # slow first step, faster after
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+    guard = run_guard.StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
     if cfg.finetune == "none":
         data_dir = ensure_dataset(cfg.dataset) if dist.is_master else None
         distributed.barrier(dist)  # the other ranks wait for rank 0 to prepare the data
-        data_dir = ensure_dataset(cfg.dataset)
+        data_dir = run_guard.check_token_files(ensure_dataset(cfg.dataset), cfg.vocab_size)  # whole ids < vocab
         train_batches = Batches(data_dir / "train.bin", cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
         val_batches = Batches(data_dir / "val.bin", cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
     else:
         train_examples, val_examples = load_sft_splits(cfg)
         train_batches = SFTBatches(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
         val_batches = SFTBatches(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
-    start_step = 0
-    if resume:
-        train_batches.load_state_dict(resume.data["train"])
+    start_step, best_val = 0, checkpoint.best_val_loss(cfg.out_dir) if resume else float("inf")
+    if resume:  # the same data row even if the global batch changed (then converted, and printed)
+        train_batches.load_state_dict(run_guard.resumed_position(resume, cfg, dist.world_size))
         checkpoint.set_rng_state(resume.rng)  # dropout masks continue exactly where they stopped
         start_step = resume.step
 
-    def save(step: int) -> None:
+    def save(step: int, where: str | Path = cfg.out_dir, **extra) -> None:
         # full weights and optimizer state on rank 0 (with fsdp, every rank joins in gathering its shards)
         weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist)
         if not dist.is_master:
             return
-        extra = {}
-        if cfg.finetune in ("lora", "qlora"):  # only the adapter goes to disk, with its r, alpha, targets
-            weights, extra = adapter_state_dict(raw_model), {"adapter": adapter_config(cfg)}
-        checkpoint.save(cfg.out_dir, checkpoint.Checkpoint(
-            step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra,
-            data={"train": train_batches.state_dict()}, optim=optim_state, rng=checkpoint.rng_state()))
+        if cfg.finetune in ("lora", "qlora"):  # only the adapter goes to disk, with its r, alpha, targets, base
+            weights, extra["adapter"] = adapter_state_dict(raw_model), adapter_config(cfg, base_from)
+        checkpoint.save(where, checkpoint.Checkpoint(
+            step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
+            data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=checkpoint.rng_state()))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,11 +171,11 @@ def main(argv: list[str]) -> None:
                     loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.unscale_(optimizer)  # the true gradients, to measure (and clip) before stepping
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            if guard.ok(loss_sum, grad_norm, step + 1):  # a NaN/inf loss or gradient skips the step
+                scaler.step(optimizer)
+            scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             completed = done = step + 1
             if done == start_step + 1 and dist.is_master and not dist.fsdp:  # once: now the optimizer states exist
@@ -186,11 +186,17 @@ def main(argv: list[str]) -> None:
                 steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
                 record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
                           "mfu": step_flops * steps_per_s / peak}
+                if device_type == "cuda":  # the allocator's high-water mark so far (python -m nanoft.check compares it)
+                    record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if done % cfg.eval_interval == 0 or last:
                     val = torch.tensor(estimate_loss(model, val_batches, cfg.eval_iters, autocast), device=device)
                     record["val_loss"] = distributed.mean_across_ranks(val, dist).item()
+                    if record["val_loss"] < best_val:  # the best weights so far, in out_dir/best beside the latest
+                        best_val = record["val_loss"]
+                        save(done, Path(cfg.out_dir) / checkpoint.BEST_DIR, val_loss=best_val)
+                record["skipped"] = guard.skipped  # steps not applied: non-finite loss or gradient
                 if dist.is_master:
-                    metrics.write(json.dumps(record) + "\n")
+                    metrics.write(json.dumps(run_guard.finite_or_none(record), allow_nan=False) + "\n")
                     metrics.flush()
                     if cfg.wandb_log:
                         wandb.log(record, step=done)
