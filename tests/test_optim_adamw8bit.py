@@ -1,9 +1,12 @@
-"""AdamW8bit: the fused Triton update (interpreted on CPU) against its PyTorch reference, and the optimizer
-against the real bitsandbytes.optim.AdamW8bit (CPU) and torch.optim.AdamW."""
+"""AdamW8bit: the fused Triton update (compiled on CUDA, interpreted on the CPU elsewhere) against its PyTorch
+reference on the CPU, and the optimizer against the real bitsandbytes.optim.AdamW8bit (CPU) and torch.optim.AdamW
+(its small tensors' float32 update is torch's own multi-tensor one: the same bits, fused or not)."""
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import device_for
 
+import nanoft.optim.adamw8bit as adamw8bit_module
 from nanoft.kernels.adamw8bit import adamw8bit_update_
 from nanoft.optim import AdamW8bit
 
@@ -13,10 +16,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def _states(n: int) -> list[torch.Tensor]:
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _states(n: int, device: str = "cpu") -> list[torch.Tensor]:
     blocks = -(-n // 256)
-    return [torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks), torch.zeros(n, dtype=torch.uint8),
-            torch.zeros(blocks)]
+    return [torch.zeros(n, dtype=torch.uint8, device=device), torch.zeros(blocks, device=device),
+            torch.zeros(n, dtype=torch.uint8, device=device), torch.zeros(blocks, device=device)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -25,17 +31,96 @@ def test_fused_kernel_matches_reference(dtype, weight_decay):
     torch.manual_seed(0)
     n = 256 * 4 + 37  # a short last block
     p0 = torch.randn(n).to(dtype)
-    ref, tri = [p0.clone()] + _states(n), [p0.clone()] + _states(n)
+    dev = device_for("triton")  # the compiled kernel on a GPU, the interpreter on the CPU
+    ref, tri = [p0.clone()] + _states(n), [p0.to(dev)] + _states(n, dev)
     for step in range(1, 5):
         g = (torch.randn(n) * 0.01 * step).to(dtype)
         hp = dict(step=step, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay)
         adamw8bit_update_(ref[0], g, *ref[1:], backend="torch", **hp)
-        adamw8bit_update_(tri[0], g, *tri[1:], backend="triton", **hp)
+        adamw8bit_update_(tri[0], g.to(dev), *tri[1:], backend="triton", **hp)
         # the states are bit-exact; p can differ in the last bits (of p, or of its step) where torch's
         # vectorised CPU sqrt is not correctly rounded (Triton's sqrt_rn is): steps are ~lr = 1e-2 here
         for a, b in zip(ref[1:], tri[1:]):
-            assert torch.equal(a, b)
-        torch.testing.assert_close(tri[0].float(), ref[0].float(), rtol=3e-7, atol=1e-8 * step)
+            assert torch.equal(a, b.cpu())
+        torch.testing.assert_close(tri[0].float().cpu(), ref[0].float(), rtol=3e-7, atol=1e-8 * step)
+
+
+def test_optimizer_with_triton_matches_the_reference_optimizer():
+    """AdamW8bit(backend="triton") on device_for("triton") against AdamW8bit(backend="torch") on the CPU, given
+    the same gradients: 8-bit states bit-exact at every step (they depend on the gradients, not on p), p within
+    the kernel test's tolerance, the small tensors' float32 path exact up to fused-vs-foreach rounding."""
+    torch.manual_seed(0)
+    dev = device_for("triton")
+    shapes = [(40, 130), (300,), (256 * 3,)]  # a short last block; a small tensor; exactly three blocks
+    init = [torch.randn(s) * 0.02 for s in shapes]
+    ref = [torch.nn.Parameter(w.clone()) for w in init]
+    tri = [torch.nn.Parameter(w.to(dev)) for w in init]
+    ref_opt = AdamW8bit(ref, **HP, min_8bit_size=512, backend="torch")
+    tri_opt = AdamW8bit(tri, **HP, min_8bit_size=512, backend="triton")
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        for a, b in zip(ref, tri):
+            a.grad = torch.randn(a.shape, generator=gen) * 0.01 * step
+            b.grad = a.grad.to(dev)
+        ref_opt.step()
+        tri_opt.step()
+        for a, b in zip(ref, tri):
+            for name, t in ref_opt.state[a].items():
+                if name.endswith(("codes", "absmax")):
+                    assert torch.equal(t, tri_opt.state[b][name].cpu()), (step, name)
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=3e-7, atol=1e-8 * step)
+
+
+def test_reference_update_in_chunks_gives_the_bits_of_one_call(monkeypatch):
+    """The optimizer runs the reference on REFERENCE_CHUNK elements at a time: the same bits as one call."""
+    monkeypatch.setattr(adamw8bit_module, "REFERENCE_CHUNK", 512)
+    torch.manual_seed(0)
+    w = torch.randn(5 * 512 + 300) * 0.02  # the last chunk short, its last block short
+    p = torch.nn.Parameter(w.clone())
+    opt = AdamW8bit([p], **HP, min_8bit_size=1, backend="torch")
+    whole = [w.clone()] + _states(w.numel())
+    for step in range(1, 4):
+        p.grad = torch.randn_like(w) * 0.01
+        opt.step()
+        adamw8bit_update_(whole[0], p.grad, *whole[1:], backend="torch", step=step, lr=HP["lr"],
+                          beta1=HP["betas"][0], beta2=HP["betas"][1], eps=HP["eps"], weight_decay=HP["weight_decay"])
+    assert torch.equal(p.detach(), whole[0])
+    names = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+    for name, t in zip(names, whole[1:]):
+        assert torch.equal(opt.state[p][name], t)
+
+
+def _small_params(device: str) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    shapes = [(128,), (4095,), (7,), (64, 63), (3, 5), (1,)]  # every one below min_8bit_size: float32 states
+    return [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + CUDA)
+@pytest.mark.parametrize("fused", [None, False, True])
+def test_float32_states_are_torch_adamw_bit_for_bit(device, fused):
+    """The small tensors' update is torch.optim.AdamW's for the same `fused` setting. None: ours picks fused
+    on CUDA, foreach elsewhere; torch's default is foreach on CUDA and the single-tensor loop on the CPU --
+    so on CUDA the default is compared with fused=True, on the CPU with torch's own default."""
+    ours, theirs = _small_params(device), _small_params(device)
+    hp = dict(HP, lr=3e-2)
+    opt = AdamW8bit(ours, **hp, fused=fused)
+    torch_fused = True if (fused is None and device == "cuda") else fused
+    ref = torch.optim.AdamW(theirs, **hp, fused=torch_fused)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(20):
+        for a, b in zip(ours, theirs):
+            a.grad = (torch.randn(a.shape, generator=gen) * 0.01 * (1 + i % 3)).to(device)
+            b.grad = a.grad.clone()
+        for group in opt.param_groups + ref.param_groups:
+            group["lr"] = 3e-2 * (1 - i / 40)  # the loop's schedule changes lr every step
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+        assert torch.equal(opt.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"])
+        assert opt.state[a]["step"] == 20
 
 
 def test_fused_kernel_validates_inputs():

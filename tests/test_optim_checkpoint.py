@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoft.config import Config
-from nanoft.optim import OPTIMIZERS, make_optimizer
+from nanoft.optim import OPTIMIZERS, PagedAdamW, PagedAdamW8bit, make_optimizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
@@ -90,3 +90,50 @@ def test_8bit_states_are_really_8bit_after_loading(tmp_path):
     resumed.load_state_dict(_round_trip(opt.state_dict(), tmp_path))
     state = resumed.state[model[0].weight]
     assert state["exp_avg_codes"].dtype == torch.uint8 and state["exp_avg_absmax"].dtype == torch.float32
+
+
+def _random_grad_steps(model, opt, steps: int, seed: int) -> None:
+    """Seeded gradients drawn on the CPU: the same bits on any device (a GPU backward need not be deterministic)."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * (1 - step / 10)
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.device, p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: pinned host arena"))])
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_paged_arena_states_round_trip_bit_exactly(cls, device, tmp_path):
+    """min_paged_size=1 pages every state through the host arena (make_optimizer's default keeps this small
+    model's states beside it); they come back as one arena again, pinned on CUDA, and resume bit-exactly."""
+    kwargs = dict(lr=1e-2, weight_decay=0.1, page_size=512, min_paged_size=1)
+    if cls is PagedAdamW8bit:
+        kwargs["min_8bit_size"] = 512
+    model = _model().to(device)
+    opt = cls(model.parameters(), **kwargs)
+    _random_grad_steps(model, opt, steps=3, seed=0)
+
+    resumed = _model().to(device)
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = cls(resumed.parameters(), **kwargs)
+    resumed_opt.load_state_dict(_round_trip(opt.state_dict(), tmp_path))
+
+    arenas = set()
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            loaded = resumed_opt.state[q][key]
+            if isinstance(value, torch.Tensor):
+                assert loaded.device.type == "cpu" and loaded.dtype == value.dtype and torch.equal(loaded, value)
+                assert loaded.is_pinned() == (device == "cuda")
+                arenas.add(loaded.untyped_storage().data_ptr())
+            else:
+                assert loaded == value
+    assert len(arenas) == 1
+
+    _random_grad_steps(model, opt, steps=3, seed=1)
+    _random_grad_steps(resumed, resumed_opt, steps=3, seed=1)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)

@@ -2,8 +2,8 @@
 
     adamw            torch.optim.AdamW (fused on CUDA)                       8 bytes of state per parameter
     adamw8bit        AdamW, states 8-bit block-wise (adamw8bit.py)          ~2.03 bytes
-    paged_adamw      AdamW, float32 states in host memory (paged.py)         8 bytes, none on the device
-    paged_adamw8bit  AdamW8bit, states in host memory (paged.py)            ~2.03 bytes, none on the device
+    paged_adamw      AdamW, float32 states in host memory (paged.py)         8 bytes, on the device only for
+    paged_adamw8bit  AdamW8bit, states in host memory (paged.py)            ~2.03 bytes, tensors < 4096 elements
     adafactor        Adafactor, factored second moment (adafactor.py)       n + m values for an n x m matrix
 
 Two param groups, as nanoGPT: weight decay on tensors of 2 or more dimensions (matmul weights, embeddings),

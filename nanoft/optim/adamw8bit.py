@@ -12,7 +12,12 @@ requantizes with a fresh absmax; nanoft.kernels.adamw8bit holds that update (a f
 its PyTorch reference elsewhere) and says which of bitsandbytes' semantics it follows (the CPU package's).
 
 Tensors with fewer than `min_8bit_size` (4096) elements (biases, LayerNorms) keep float32 states: they are a
-tiny share of the memory and quantizing them buys nothing. Their update is torch.optim.AdamW's, op for op.
+tiny share of the memory and quantizing them buys nothing. They are many, though (92 of the 100M model's 148
+tensors), so they are updated together by torch's own multi-tensor AdamW (`adamw_32bit_`): on CUDA its fused
+kernel, one launch for all of them, with the bits of torch.optim.AdamW(fused=True); elsewhere its foreach
+path, which on the CPU gives the bits of torch.optim.AdamW's default (tested). One launch instead of ~700 small
+eager ops per step. The 8-bit tensors are one fused Triton launch each on CUDA; on the CPU the reference update
+runs on chunks of REFERENCE_CHUNK elements (whole blocks, so the same bits), which bounds its temporaries.
 
 State per parameter (plain tensors and ints, so the safetensors checkpoint can hold them):
     32-bit: step (int), exp_avg, exp_avg_sq (float32, the parameter's shape) -- torch.optim.AdamW's names
@@ -29,46 +34,74 @@ from torch import Tensor
 
 from nanoft.kernels.adamw8bit import BLOCKSIZE, adamw8bit_update_
 
+REFERENCE_CHUNK = 1 << 20  # elements per 8-bit update call on the CPU (a multiple of BLOCKSIZE)
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state name -> (shape, dtype)
+
 
 @torch.no_grad()
-def adamw_update_32bit_(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, *,
-    step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+def adamw_32bit_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[int], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, fused: bool,
 ) -> None:
-    """One AdamW step with float32 states, in place: torch.optim.AdamW's single-tensor update, op for op.
+    """One AdamW step with float32 states on a list of tensors (one device), in place; steps already counted.
 
-    Elementwise throughout, so applying it to consecutive slices (the paged optimizers) gives the same bits.
+    fused=True is torch.optim.AdamW(fused=True): the same `torch._fused_adamw_` call with the same scalars.
+    fused=False is torch.optim.AdamW(foreach=True)'s non-capturable path op for op; on the CPU the foreach
+    ops loop over the single-tensor kernels, which makes it bit-identical to torch.optim.AdamW's CPU default
+    (tests/test_optim_adamw8bit.py checks both). Elementwise throughout, so applying it to consecutive
+    slices of a tensor (the paged optimizers) gives the same bits as applying it to the whole tensor.
+    Parameters that are not float32 are updated through float32 copies (the states are float32).
     """
-    p32 = p if p.dtype == torch.float32 else p.float()
-    grad = g.float()
-    if weight_decay != 0:
-        p32.mul_(1 - lr * weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p32.addcdiv_(m, denom, value=-lr / bias_correction1)
-    if p32 is not p:
-        p.copy_(p32)
+    if not params:
+        return
+    p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    g32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    if fused:
+        device = params[0].device
+        # torch keeps the step as a float32 tensor on the parameter's device; the kernel only reads it, so
+        # tensors with the same count share one (one small fill per distinct count, no host-device copy)
+        counts = {s: torch.full((), float(s), dtype=torch.float32, device=device) for s in set(steps)}
+        torch._fused_adamw_(p32, g32, exp_avgs, exp_avg_sqs, [], [counts[s] for s in steps], lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                            maximize=False)
+    else:
+        if weight_decay != 0:
+            torch._foreach_mul_(p32, 1 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, g32, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+        step_size = [(lr / (1 - beta1**s)) * -1 for s in steps]
+        bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p32, exp_avgs, denom, step_size)
+    for p, q in zip(params, p32):
+        if q is not p:
+            p.copy_(q)
+
+
+def loaded_pairs(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple[Tensor, dict]]:
+    """torch's Optimizer.load_state_dict for the param groups only; returns (parameter, its saved state) pairs.
+
+    torch would also cast floating-point state to the parameter's dtype and move every state to the
+    parameter's device: that rounds a float32 absmax to bfloat16 for a bfloat16 model, and would pull all of
+    a paged optimizer's host states onto the GPU at once. So the states are left to the caller.
+    """
+    torch.optim.Optimizer.load_state_dict(optimizer, {**state_dict, "state": {}})  # checks sizes, sets groups
+    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [(p, state_dict["state"][pid]) for pid, p in zip(saved_ids, params) if pid in state_dict["state"]]
 
 
 def load_state_exact(optimizer: torch.optim.Optimizer, state_dict: dict,
                      place: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """torch's Optimizer.load_state_dict, then every state tensor re-read from `state_dict` as it was saved.
-
-    torch casts floating-point state to the parameter's dtype and moves all state to the parameter's device.
-    That would round a float32 absmax to bfloat16 for a bfloat16 model and pull host-resident (paged) states
-    onto the GPU. `place(param, saved_tensor)` puts each saved tensor where this optimizer keeps it, keeping
-    its dtype, as a copy (the loaded dict may be reused).
-    """
-    torch.optim.Optimizer.load_state_dict(optimizer, state_dict)  # checks group sizes, restores hyperparameters
-    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for pid, p in zip(saved_ids, params):
-        if pid in state_dict["state"]:
-            optimizer.state[p] = {name: place(p, value) if isinstance(value, Tensor) else value
-                                  for name, value in state_dict["state"][pid].items()}
+    """Load `state_dict` with every state tensor kept in its saved dtype: `place(param, saved_tensor)` puts a
+    copy of it where this optimizer keeps it (the loaded dict may be reused)."""
+    for p, saved in loaded_pairs(optimizer, state_dict):
+        optimizer.state[p] = {name: place(p, value) if isinstance(value, Tensor) else value
+                              for name, value in saved.items()}
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -76,6 +109,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     Arguments as torch.optim.AdamW and bitsandbytes.optim.AdamW8bit. `backend` picks the 8-bit update:
     "auto" (the fused Triton kernel on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
+    `fused` picks the float32 update of the small tensors as torch.optim.AdamW's argument of that name does:
+    None means fused on CUDA and foreach elsewhere (the bits of torch.optim.AdamW's default on the CPU).
     """
 
     def __init__(
@@ -87,6 +122,7 @@ class AdamW8bit(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         min_8bit_size: int = 4096,
         backend: str = "auto",
+        fused: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -100,33 +136,28 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f'backend must be "auto", "triton" or "torch", got {backend!r}')
         self.min_8bit_size = min_8bit_size
         self.backend = backend
+        self.fused = fused
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    # --- where and how states are kept (the paged subclass overrides these) ---
+    # --- which states a parameter has, and where they are kept (the paged subclass overrides _allocate) ---
 
     def uses_8bit(self, p: Tensor) -> bool:
         return p.numel() >= self.min_8bit_size
 
-    def state_device(self, p: Tensor) -> torch.device:
-        return p.device
-
-    def _zeros(self, p: Tensor, shape: tuple | torch.Size, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(shape, dtype=dtype, device=self.state_device(p))
-
-    def _init_state(self, p: Tensor) -> dict:
+    def state_layout(self, p: Tensor) -> Layout:
+        """The state tensors `p` gets: name -> (shape, dtype)."""
+        shape = tuple(p.shape)
         if not self.uses_8bit(p):
-            return {"step": 0, "exp_avg": self._zeros(p, p.shape, torch.float32),
-                    "exp_avg_sq": self._zeros(p, p.shape, torch.float32)}
+            return {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
         n_blocks = -(-p.numel() // BLOCKSIZE)
-        # zero codes with a zero absmax dequantize to 0 (as bitsandbytes initialises them)
-        return {"step": 0,
-                "exp_avg_codes": self._zeros(p, p.shape, torch.uint8),
-                "exp_avg_absmax": self._zeros(p, (n_blocks,), torch.float32),
-                "exp_avg_sq_codes": self._zeros(p, p.shape, torch.uint8),
-                "exp_avg_sq_absmax": self._zeros(p, (n_blocks,), torch.float32)}
+        return {"exp_avg_codes": (shape, torch.uint8), "exp_avg_absmax": ((n_blocks,), torch.float32),
+                "exp_avg_sq_codes": (shape, torch.uint8), "exp_avg_sq_absmax": ((n_blocks,), torch.float32)}
 
-    def _place_loaded(self, p: Tensor, saved: Tensor) -> Tensor:
-        return saved.to(device=self.state_device(p), copy=True)
+    def _allocate(self, layouts: list[tuple[Tensor, Layout]]) -> list[dict[str, Tensor]]:
+        """Zero-filled state tensors for each (parameter, layout), all made at once: here beside the parameter.
+        (Zero codes with a zero absmax dequantize to 0, as bitsandbytes initialises them.)"""
+        return [{name: torch.zeros(shape, dtype=dtype, device=p.device) for name, (shape, dtype) in layout.items()}
+                for p, layout in layouts]
 
     # --- the step ---
 
@@ -136,6 +167,13 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply(self._gather())
+        return loss
+
+    def _gather(self) -> list[tuple[Tensor, Tensor, dict, dict]]:
+        """(parameter, gradient, state, group) for every parameter with a gradient; the states of parameters
+        seen for the first time are allocated together, and every step count is advanced."""
+        work, new = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -146,34 +184,68 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} needs contiguous parameters")
                 state = self.state[p]
                 if not state:
-                    state.update(self._init_state(p))
-                state["step"] += 1
-                self._update(p, p.grad.contiguous(), state, group)
-        self._finish_step()
-        return loss
+                    new.append(p)
+                work.append((p, p.grad.contiguous(), state, group))
+        for p, fresh in zip(new, self._allocate([(p, self.state_layout(p)) for p in new])):
+            self.state[p].update({"step": 0, **fresh})
+        for _, _, state, _ in work:
+            state["step"] += 1
+        return work
 
-    def _finish_step(self) -> None:
-        """Called at the end of every step; the paged subclass waits for its last copies here."""
+    def _apply(self, work: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
+        """Float32 states: one multi-tensor update per group and device. 8-bit: one update per tensor."""
+        buckets: dict[tuple[int, torch.device], list] = {}
+        for p, g, state, group in work:
+            if "exp_avg" in state:
+                bucket = buckets.setdefault((id(group), p.device), [group, [], [], [], [], []])
+                for lst, t in zip(bucket[1:], (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    lst.append(t)
+            else:
+                flat = {name: t.view(-1) for name, t in state.items() if isinstance(t, Tensor)}
+                self._update_8bit(p.view(-1), g.view(-1), flat, state["step"], group)
+        for (_, device), (group, ps, gs, ms, vs, steps) in buckets.items():
+            adamw_32bit_(ps, gs, ms, vs, steps, **self._hyper(group), fused=self._fused_on(device))
 
-    def _update(self, p: Tensor, g: Tensor, state: dict, group: dict) -> None:
-        """Update the whole tensor at once (flat views share p's and the states' memory)."""
-        flat = {name: t.view(-1) for name, t in state.items() if isinstance(t, Tensor)}
-        self._update_flat(p.view(-1), g.view(-1), flat, state["step"], group)
+    def _fused_on(self, device: torch.device) -> bool:
+        return self.fused if self.fused is not None else device.type == "cuda"
+
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def _update_flat(self, p: Tensor, g: Tensor, states: dict[str, Tensor], step: int, group: dict) -> None:
-        """One AdamW step on flat p (a whole parameter or a 256-aligned slice of one) and its states."""
-        beta1, beta2 = group["betas"]
-        hp = dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                  weight_decay=group["weight_decay"])
+        """One AdamW step on flat p (a whole parameter or a 256-aligned slice of one) and its flat states."""
         if "exp_avg" in states:
-            adamw_update_32bit_(p, g, states["exp_avg"], states["exp_avg_sq"], **hp)
+            adamw_32bit_([p], [g], [states["exp_avg"]], [states["exp_avg_sq"]], [step], **self._hyper(group),
+                         fused=self._fused_on(p.device))
         else:
-            adamw8bit_update_(p, g, states["exp_avg_codes"], states["exp_avg_absmax"],
-                              states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"], backend=self.backend, **hp)
+            self._update_8bit(p, g, states, step, group)
+
+    def _update_8bit(self, p: Tensor, g: Tensor, states: dict[str, Tensor], step: int, group: dict) -> None:
+        hp = dict(step=step, **self._hyper(group))
+        names = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        if p.is_cuda:  # one launch of the fused kernel (or, with backend="torch", one reference call)
+            adamw8bit_update_(p, g, *(states[k] for k in names), backend=self.backend, **hp)
+            return
+        # On the CPU the reference materialises float32 m, v and more (~33 bytes per element). Chunks of 1M
+        # elements keep that scratch bounded and recycled by malloc: whole, the 100M model's embedding makes
+        # ~1 GB of fresh temporaries whose pages the OS faults in and zeroes on every step (2.8x slower).
+        for start in range(0, p.numel(), REFERENCE_CHUNK):
+            end = min(start + REFERENCE_CHUNK, p.numel())
+            a, b = start // BLOCKSIZE, -(-end // BLOCKSIZE)
+            adamw8bit_update_(p[start:end], g[start:end], states[names[0]][start:end], states[names[1]][a:b],
+                              states[names[2]][start:end], states[names[3]][a:b], backend=self.backend, **hp)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but 8-bit codes, absmax and float32 states come back with their saved dtypes."""
-        load_state_exact(self, state_dict, self._place_loaded)
+        """As torch's, but every state tensor comes back with its saved dtype, where this optimizer keeps it."""
+        pairs = loaded_pairs(self, state_dict)
+        layouts = [(p, {name: (tuple(t.shape), t.dtype) for name, t in saved.items() if isinstance(t, Tensor)})
+                   for p, saved in pairs]
+        for (p, saved), fresh in zip(pairs, self._allocate(layouts)):
+            for name, t in fresh.items():
+                t.copy_(saved[name])
+            self.state[p] = {name: fresh.get(name, value) for name, value in saved.items()}
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (the memory this optimizer adds to training)."""
