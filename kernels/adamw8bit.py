@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
-from ._triton import tl, triton
+from ._triton import tl, triton, use_triton
 from torch import Tensor
 
 from .blockwise8 import (LUT_SIZE, _lut_for, dequantize_blockwise8, dynamic_map, quantize_blockwise8,
@@ -151,14 +151,13 @@ def adamw8bit_update_(
 ) -> None:
     """One AdamW step on p with 8-bit block-wise states, all updated in place (see the module docstring).
 
-    backend: "triton" (the fused kernel), "torch" (the reference), or "auto" = Triton on CUDA, else torch.
+    backend: "triton" (the fused kernel), "torch" (the reference), or "auto" (see _triton.use_triton).
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f'backend must be "auto", "triton" or "torch", got {backend!r}')
+    use_kernel = use_triton(backend, p.device)  # checks `backend` first
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
     _check(p, g, m_codes, m_absmax, v_codes, v_absmax)
-    if backend == "torch" or (backend == "auto" and p.device.type != "cuda"):
+    if not use_kernel:
         adamw8bit_update_reference_(p, g, m_codes, m_absmax, v_codes, v_absmax, step=step, lr=lr, beta1=beta1,
                                     beta2=beta2, eps=eps, weight_decay=weight_decay)
         return

@@ -35,7 +35,7 @@ bitsandbytes itself gives them no defined meaning; callers (optimizer states, ab
 Layout: `codes` is uint8 with the input's shape; `absmax` is float32 of shape [ceil(numel / blocksize)].
 """
 import torch
-from ._triton import tl, triton
+from ._triton import tl, triton, use_triton
 from torch import Tensor
 
 LUT_SIZE = 65536  # grid points of the [-1, 1] -> code index lookup table (bitsandbytes' kLUTSize)
@@ -175,12 +175,6 @@ def _check_code(code: Tensor | None, device: torch.device) -> Tensor:
     return code.contiguous()
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f'backend must be "auto", "triton" or "torch", got {backend!r}')
-    return backend == "triton" or (backend == "auto" and device.type == "cuda")
-
-
 def quantize_blockwise8(
     x: Tensor, code: Tensor | None = None, blocksize: int = 256, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
@@ -190,7 +184,7 @@ def quantize_blockwise8(
     _check_blocksize(blocksize)
     code = _check_code(code, x.device)
     x = x.detach()
-    if not _use_triton(backend, x.device):
+    if not use_triton(backend, x.device):
         return quantize_blockwise8_reference(x, code, blocksize)
     flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input
     n = flat.numel()
@@ -226,14 +220,14 @@ def dequantize_blockwise8(
             f"{blocksize}, got {absmax.dtype} with {absmax.numel()}"
         )
     code = _check_code(code, codes.device)
-    if not _use_triton(backend, codes.device):
+    if not use_triton(backend, codes.device):
         return dequantize_blockwise8_reference(codes, absmax, code, blocksize, dtype)
     out = torch.empty(n, dtype=dtype, device=codes.device)
     if n > 0:
         grid = (triton.cdiv(n, DEQUANT_TILE),)
         _dequantize_blockwise8_kernel[grid](
             codes.reshape(-1).contiguous(), absmax.reshape(-1).contiguous(), code, out, n,
-            BLOCKSIZE=blocksize, TILE=DEQUANT_TILE, OUT_BF16=dtype == torch.bfloat16,
+            BLOCKSIZE=blocksize, TILE=DEQUANT_TILE, OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False,
         )
     return out.view(codes.shape)
 

@@ -39,14 +39,13 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-from ._triton import tl, triton
+from ._triton import tl, triton, use_triton
 from torch import Tensor
 
 from .blockwise8 import (
     FLOAT_DTYPES,
     _check_blocksize,
     _default_code,
-    _use_triton,
     dequantize_blockwise8,
     dequantize_blockwise8_reference,
     padded_blocks,
@@ -196,7 +195,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     if not torch.isfinite(x).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
         raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
     nf4, bounds = _nf4_tables(x.device)
-    if _use_triton(backend, x.device):
+    if use_triton(backend, x.device):
         flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input
         n = flat.numel()
         num_blocks = triton.cdiv(n, blocksize)
@@ -244,7 +243,7 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     nf4, _ = _nf4_tables(q.device)
-    if not _use_triton(backend, q.device):
+    if not use_triton(backend, q.device):
         return dequantize_nf4_reference(q, dtype, nf4)
     n = q.numel
     out = torch.empty(n, dtype=dtype, device=q.device)
