@@ -62,7 +62,8 @@ NF4_VALUES = [  # bitsandbytes/functional.py get_4bit_type("nf4"): sorted, index
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per 8-bit block (fixed, as in bitsandbytes)
 ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps the absmax it divides by to this (a float32 subnormal)
 QUANT_TILE_ELEMENTS = 2048  # elements per program in quantize: max(1, 2048 // blocksize) blocks each
-DEQUANT_TILE = 1024  # elements per program in dequantize
+DEQUANT_BYTES = 4096  # packed bytes (8192 outputs) per dequantize program: whole blocks up to 4096 elements
+DEQUANT_WARPS = 4
 
 
 @dataclass
@@ -103,9 +104,10 @@ class NF4State:
 def _quantize_nf4_kernel(
     x_ptr,  # *fp32/fp16/bf16, [n] flat contiguous input
     bounds_ptr,  # *fp32, [15] midpoints between consecutive NF4 values
-    packed_ptr,  # *uint8, [ceil(n / 2)] output, two codes per byte, even element high
+    packed_ptr,  # *uint8, [nbytes] output, two codes per byte, even element high
     absmax_ptr,  # *fp32, [num_blocks] output per-block absmax
     n,  # number of elements
+    nbytes,  # ceil(n / 2), its own argument so that Triton sees it divisible by 16 and vectorizes
     num_blocks,  # ceil(n / BLOCKSIZE)
     BLOCKSIZE: tl.constexpr,  # elements per quantization block (power of two, 32..4096)
     ROWS: tl.constexpr,  # quantization blocks handled by one program, one per tile row
@@ -113,70 +115,92 @@ def _quantize_nf4_kernel(
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
-    even = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, HALF)[None, :]  # (ROWS, HALF) even element indices
-    x0 = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)  # high-nibble elements
-    x1 = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)  # low-nibble elements
-    absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))  # (ROWS,)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (ROWS, BLOCKSIZE), contiguous loads
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)  # (ROWS,)
     scale = tl.maximum(absmax, FLOOR)[:, None]  # (ROWS, 1)
     inv = tl.math.div_rn(tl.full([ROWS, 1], 1.0, tl.float32), scale)  # IEEE division, as torch does
     tail = ((rows + 1) * BLOCKSIZE > n)[:, None]  # the short last block divides instead (bitsandbytes CPU)
-    y0 = tl.where(tail, tl.math.div_rn(x0, scale), x0 * inv)
-    y1 = tl.where(tail, tl.math.div_rn(x1, scale), x1 * inv)
-    y0 = tl.minimum(tl.maximum(y0, -1.0), 1.0)
-    y1 = tl.minimum(tl.maximum(y1, -1.0), 1.0)
-    q0 = tl.zeros([ROWS, HALF], dtype=tl.int32)
-    q1 = tl.zeros([ROWS, HALF], dtype=tl.int32)
+    y = tl.where(tail, tl.math.div_rn(x, scale), x * inv)
+    y = tl.minimum(tl.maximum(y, -1.0), 1.0)
+    q = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
     for k in tl.static_range(15):  # code = number of midpoints strictly below y: a tie goes down
-        bound = tl.load(bounds_ptr + k)
-        q0 += (y0 > bound).to(tl.int32)
-        q1 += (y1 > bound).to(tl.int32)
-    tl.store(packed_ptr + even // 2, ((q0 << 4) | q1).to(tl.uint8), mask=even < n)
+        q += (y > tl.load(bounds_ptr + k)).to(tl.int32)
+    high, low = tl.split(tl.reshape(q, (ROWS, HALF, 2)))  # even elements go in the high nibble
+    boffs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF) byte indices
+    tl.store(packed_ptr + boffs, ((high << 4) | low).to(tl.uint8), mask=boffs < nbytes)
     stored = tl.where(((rows + 1) * BLOCKSIZE > n), tl.maximum(absmax, FLOOR), absmax)
     tl.store(absmax_ptr + rows, stored, mask=rows < num_blocks)
 
 
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr,  # *uint8, [ceil(n / 2)] packed codes
+    packed_ptr,  # *uint8, [nbytes] packed codes
     absmax_ptr,  # *fp32 [num_blocks] absmax; or *uint8 [num_blocks] 8-bit codes if DOUBLE_QUANT
-    nested_absmax_ptr,  # *fp32, [ceil(num_blocks / NESTED_BLOCKSIZE)] (read only if DOUBLE_QUANT)
+    nested_absmax_ptr,  # *fp32, [ceil(num_blocks / NESTED)] (read only if DOUBLE_QUANT)
     code8_ptr,  # *fp32, [256] signed dynamic map (read only if DOUBLE_QUANT)
-    offset_ptr,  # *fp32, [] mean absmax added back (read only if DOUBLE_QUANT)
-    nf4_ptr,  # *fp32, [16] NF4 values
+    offset_ptr,  # *fp32, [1] mean absmax added back (read only if DOUBLE_QUANT)
+    pairs_ptr,  # *int64, [256] byte -> its two NF4 values: high nibble's float32 bits low, low nibble's high
     out_ptr,  # *fp32/fp16/bf16, [n] output
     n,  # number of elements
+    nbytes,  # ceil(n / 2): its own argument so that Triton sees it divisible by 16 and vectorizes the loads
     BLOCKSIZE: tl.constexpr,  # elements per absmax block
     DOUBLE_QUANT: tl.constexpr,  # absmax is itself 8-bit quantized
     NESTED: tl.constexpr,  # absmax values per nested block (256)
-    TILE: tl.constexpr,  # output elements per program
+    BYTES: tl.constexpr,  # packed bytes per program (a multiple of BLOCKSIZE // 2)
     OUT_BF16: tl.constexpr,  # output is bfloat16: round by hand (see blockwise8.store_rounded)
 ):
-    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    mask = offs < n
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where(offs % 2 == 0, byte >> 4, byte & 0xF)  # even element in the high nibble
-    block = offs // BLOCKSIZE
-    if DOUBLE_QUANT:
-        q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code8_ptr + q8) * tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)  # rounded separately: launched with fp fusion off
+    """One program: BYTES packed bytes -> 2 * BYTES outputs, as a (blocks, BLOCKSIZE) tile.
+
+    Memory-bound, so every global access is one wide, coalesced instruction: each thread loads the few
+    packed bytes behind one 128-bit store of output (4 bytes for 16-bit outputs, 2 for float32: the
+    max_contiguous hint tells Triton so, and then no shuffle through shared memory is needed between the
+    load and the store); the absmax is loaded once per block; the byte -> (value, value) lookup reads a
+    256-entry table that Triton stages once per program in shared memory (tl.gather), one 64-bit read
+    per byte instead of two global loads per element.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per absmax block
+    ROWS: tl.constexpr = BYTES // HALF  # absmax blocks per program
+    VEC: tl.constexpr = 64 // out_ptr.dtype.element_ty.primitive_bitwidth  # bytes behind 16 output bytes
+    pid = tl.program_id(0).to(tl.int64)
+    packed_ptr += pid * BYTES  # 64-bit program offsets; the per-element offsets below stay 32-bit
+    out_ptr += pid * (2 * BYTES)
+    bytes_left = tl.minimum(nbytes - pid * BYTES, BYTES).to(tl.int32)
+    left = tl.minimum(n - pid * (2 * BYTES), 2 * BYTES).to(tl.int32)  # outputs left for this program
+    rows = tl.arange(0, ROWS)  # (ROWS,) this program's absmax blocks
+    boffs = tl.max_contiguous(rows[:, None] * HALF + tl.arange(0, HALF)[None, :], [1, VEC])  # (ROWS, HALF)
+    byte = tl.load(packed_ptr + boffs, mask=boffs < bytes_left, other=0).to(tl.int32)
+    block = pid * ROWS + rows
+    if DOUBLE_QUANT:  # absmax = code8[q8] * nested_absmax + offset, each step rounded (fp fusion off)
+        q8 = tl.load(absmax_ptr + block, mask=rows * BLOCKSIZE < left, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED, mask=rows * BLOCKSIZE < left, other=0.0)
+        scale = tl.load(code8_ptr + q8) * nested + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    value = tl.load(nf4_ptr + code) * scale
-    store_rounded(out_ptr + offs, value, mask, OUT_BF16)
+        scale = tl.load(absmax_ptr + block, mask=rows * BLOCKSIZE < left, other=0.0)
+    pairs = tl.load(pairs_ptr + tl.arange(0, 256))
+    pair = tl.reshape(tl.gather(pairs, tl.reshape(byte, (BYTES,)), 0), (ROWS, HALF))  # (ROWS, HALF) int64
+    first = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # the high nibble's value
+    second = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)  # the low nibble's value
+    value = tl.reshape(tl.join(first, second), (ROWS, BLOCKSIZE)) * scale[:, None]  # interleaved: 2j, 2j+1
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    store_rounded(out_ptr + offs, value, offs < left, OUT_BF16)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Tables
 
-_TABLES: dict = {}  # device -> (nf4 values [16], midpoints [15])
+_TABLES: dict = {}  # device -> (nf4 values [16], midpoints [15], byte pairs [256])
 
 
-def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """NF4 values, the midpoints quantize compares with, and what dequantize reads: per byte value b, the
+    float32 pair (NF4[b >> 4], NF4[b & 15]) viewed as one int64 (little-endian: the first value low)."""
     key = str(device)
     if key not in _TABLES:
         nf4 = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
-        _TABLES[key] = (nf4, (nf4[:-1] + nf4[1:]) / 2)  # midpoints exactly as bitsandbytes computes them
+        byte = torch.arange(256, device=device)
+        pairs = torch.stack([nf4[byte >> 4], nf4[byte & 0xF]], dim=1)  # (256, 2): high nibble first
+        _TABLES[key] = (nf4, (nf4[:-1] + nf4[1:]) / 2, pairs.view(torch.int64).view(256))  # midpoints as bnb
     return _TABLES[key]
 
 
@@ -194,7 +218,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     x = x.detach()  # weights are quantized, never differentiated through
     if not torch.isfinite(x).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
         raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
-    nf4, bounds = _nf4_tables(x.device)
+    _, bounds, _ = _nf4_tables(x.device)
     if use_triton(backend, x.device):
         flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input
         n = flat.numel()
@@ -203,7 +227,8 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
         packed = torch.empty(triton.cdiv(n, 2), dtype=torch.uint8, device=x.device)
         absmax = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
         _quantize_nf4_kernel[(triton.cdiv(num_blocks, rows),)](
-            flat, bounds, packed, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, FLOOR=ABSMAX_FLOOR,
+            flat, bounds, packed, absmax, n, packed.numel(), num_blocks, BLOCKSIZE=blocksize, ROWS=rows,
+            FLOOR=ABSMAX_FLOOR,
             enable_fp_fusion=False,
         )
     else:
@@ -242,20 +267,20 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    nf4, _ = _nf4_tables(q.device)
+    nf4, _, pairs = _nf4_tables(q.device)
     if not use_triton(backend, q.device):
         return dequantize_nf4_reference(q, dtype, nf4)
     n = q.numel
     out = torch.empty(n, dtype=dtype, device=q.device)
     dummy = q.absmax  # pointers the kernel never reads when DOUBLE_QUANT is off
-    _dequantize_nf4_kernel[(triton.cdiv(n, DEQUANT_TILE),)](
+    _dequantize_nf4_kernel[(triton.cdiv(q.packed.numel(), DEQUANT_BYTES),)](
         q.packed, q.absmax,
         q.nested_absmax if q.double_quant else dummy,
         _default_code(q.device) if q.double_quant else dummy,
         q.offset.reshape(1).float() if q.double_quant else dummy,
-        nf4, out, n,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, TILE=DEQUANT_TILE,
-        OUT_BF16=dtype == torch.bfloat16, enable_fp_fusion=False,
+        pairs, out, n, q.packed.numel(),
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, BYTES=DEQUANT_BYTES,
+        OUT_BF16=dtype == torch.bfloat16, num_warps=DEQUANT_WARPS, enable_fp_fusion=False,
     )
     return out.view(q.shape)
 
