@@ -1,116 +1,173 @@
-"""Benchmark NF4 dequantize against bitsandbytes, on the same packed weights.
+"""Benchmark NF4 dequantize: ours against bitsandbytes and against our own PyTorch reference.
 
-    python bench/bench_nf4.py            # CPU: our PyTorch reference vs bitsandbytes' CPU dequantize
-                                         # CUDA (when present): our Triton kernel vs bitsandbytes' CUDA kernel
+    python bench/bench_nf4.py            # CUDA: our Triton kernel vs bitsandbytes' CUDA kernel vs our reference
+                                         # CPU: our reference vs bitsandbytes' CPU dequantize
+    python bench/bench_nf4.py --sweep    # CUDA: also time the kernel's tile sizes (DEQUANT_BYTES x DEQUANT_WARPS)
 
-Tensors: one 4096x4096 weight, and every 2-D weight of the 100M-parameter GPT (configs/100m.py: 9 layers of
-width 768, plus the 50257x768 embedding), quantized at blocksize 64 with and without double quantization.
-Before timing it checks that our packed bytes, absmax (nested absmax, offset) and dequantized output are
-identical to bitsandbytes' on CPU. Reported: time per full dequantize of the set, throughput in GB/s of
-bytes moved (packed codes + absmax read, output written), and ratio = bitsandbytes time / our time (above
-1: we are faster). On CUDA also the fraction of the device's memory bandwidth: the nominal peak when
-the device name is known, and a measured device-to-device copy. Timings on a shared machine are noisy:
-each figure is the best of several runs (the run least disturbed by other processes).
+Tensors (bfloat16, QLoRA's usual dtype, quantized at blocksize 64 with and without double quantization): one
+4096x4096 weight, and every 2-D weight of the 100M-parameter GPT (configs/100m.py). Before timing, it checks
+that both libraries agree bit for bit: on CPU the quantized state and the output; on CUDA the output of ours
+and of bitsandbytes' kernel on the same packed weights (bitsandbytes' CUDA quantizer differs from its CPU one
+in rare elements, see kernels/nf4.py, so the packed bytes are not compared there), and our kernel against our
+reference.
+
+Timing: the median of many runs, with triton.testing.do_bench on CUDA (CUDA events, L2 flushed between runs).
+Reported: ms per dequantize of the whole set; GB/s of bytes that must move (packed codes, absmax and its
+nested form read once, output written once); ratios = their time / our time (above 1: ours is faster); on CUDA
+the fraction of a measured device-to-device copy's GB/s and of the device's nominal HBM peak.
 """
+import argparse
 import os
+import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import bitsandbytes.functional as bnbF  # noqa: E402
-
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # after site-packages: never shadow HF `kernels`
 from nanoft.config import load_config  # noqa: E402
-from nanoft.kernels import dequantize_nf4, quantize_nf4  # noqa: E402
+from nanoft.kernels import NF4State, dequantize_nf4, quantize_nf4  # noqa: E402
+from nanoft.kernels import nf4 as nf4_module  # noqa: E402
 from nanoft.model import GPT  # noqa: E402
 
-NOMINAL_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "H200": 4800,
+try:
+    import bitsandbytes.functional as bnbF
+except Exception as e:  # noqa: BLE001  (not installed, or built without this device's backend)
+    bnbF, BNB_ERROR = None, e
+
+# nominal HBM bandwidth, GB/s, by a substring of torch.cuda.get_device_name() (first match wins)
+NOMINAL_GBPS = {"H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "H200": 4800, "GH200": 4000,
                 "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935,
-                "L4": 300, "A10G": 600, "RTX 4090": 1008}
+                "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008}
+OUT = torch.bfloat16
 
 
-def best_time(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up: Triton compile, allocator, caches
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()  # a CPU-GPU sync point, outside the timed region's start
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timer(device: str):
+    """fn -> median seconds per call."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+    def cpu(fn, repeats=5):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return cpu
 
 
 def weight_sets(device: str) -> dict[str, list[torch.Tensor]]:
     torch.manual_seed(0)
-    big = torch.randn(4096, 4096, device=device) * 0.02
+    big = (torch.randn(4096, 4096) * 0.02).to(device, OUT)
     model = GPT(load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "100m.py"), []))
-    weights = [p.detach().to(device) for p in model.parameters() if p.dim() == 2]
+    weights = [p.detach().to(device, OUT) for p in model.parameters() if p.dim() == 2]
     del model
     return {"4096x4096": [big], f"100M model ({len(weights)} weights)": weights}
 
 
-def bytes_moved(states, out_bytes: int) -> int:
+def bytes_moved(states: list[NF4State], out_bytes: int) -> int:
     total = 0
     for q in states:
         total += q.packed.numel() + q.absmax.numel() * q.absmax.element_size() + q.numel * out_bytes
         if q.double_quant:
-            total += q.nested_absmax.numel() * 4
+            total += q.nested_absmax.numel() * 4 + 256 * 4  # nested absmax and the 8-bit code table
     return total
 
 
-def check_identical(weights, ours, theirs) -> str:
-    """Same packed bytes / absmax / nested absmax / offset, and same dequantized output, as bitsandbytes."""
-    for w, q, (packed, state) in zip(weights, ours, theirs):
-        same = torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
-        if q.double_quant:
-            same = same and torch.equal(q.nested_absmax, state.state2.absmax) and torch.equal(q.offset, state.offset)
-        same = same and torch.equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, state))
-        if not same:
-            return "DIFFERENT"
+def from_bnb(packed: torch.Tensor, state) -> NF4State:
+    """bitsandbytes' quantized weight as our NF4State (the same format), to run our kernel on its bytes."""
+    return NF4State(packed=packed.view(-1), absmax=state.absmax, shape=state.shape, dtype=OUT,
+                    blocksize=state.blocksize, offset=state.offset if state.nested else None,
+                    nested_absmax=state.state2.absmax if state.nested else None)
+
+
+def check(ours, theirs, backend: str) -> str:
+    """CPU: identical state and output. CUDA: same output on the same packed bytes; kernel == reference."""
+    for q, (packed, state) in zip(ours, theirs):
+        if backend == "torch":
+            same = torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
+            if q.double_quant:
+                same = same and torch.equal(q.nested_absmax, state.state2.absmax) and torch.equal(q.offset, state.offset)
+            if not same:
+                return "STATE DIFFERS"
+            q_theirs = q
+        else:
+            q_theirs = from_bnb(packed, state)
+            if not torch.equal(dequantize_nf4(q, OUT, backend="triton"), dequantize_nf4(q, OUT, backend="torch")):
+                return "KERNEL != REF"
+        if not torch.equal(dequantize_nf4(q_theirs, OUT, backend=backend).view(-1),
+                           bnbF.dequantize_4bit(packed, state).view(-1)):
+            return "OUTPUT DIFFERS"
     return "identical"
 
 
+def sweep(weights, measure) -> None:
+    """Time the Triton kernel's tile choices on the first set (the wrapper reads these module constants)."""
+    states = [quantize_nf4(w, 64, False) for w in weights]
+    gb = bytes_moved(states, 2) / 1e9
+    saved = nf4_module.DEQUANT_BYTES, nf4_module.DEQUANT_WARPS
+    print("\nsweep (no double quant): bytes/program x warps -> GB/s")
+    for nbytes in (2048, 4096, 8192, 16384):
+        for warps in (2, 4, 8, 16):
+            nf4_module.DEQUANT_BYTES, nf4_module.DEQUANT_WARPS = nbytes, warps
+            t = measure(lambda: [dequantize_nf4(q, OUT, backend="triton") for q in states])
+            print(f"  {nbytes:>6} x {warps:>2}: {gb / t:8.1f}" + ("   (current)" if (nbytes, warps) == saved else ""))
+    nf4_module.DEQUANT_BYTES, nf4_module.DEQUANT_WARPS = saved
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="CUDA: time the kernel's tile sizes too")
+    args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "triton" if device == "cuda" else "torch"
-    repeats = 10 if device == "cuda" else 3
-    out_dtype = torch.bfloat16  # QLoRA's usual compute dtype
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, threads {torch.get_num_threads()}, "
-          f"ours: {backend} backend, output {out_dtype}, blocksize 64, best of {repeats} runs")
-    copy_gbps = None
+    measure = timer(device)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {name}, threads {torch.get_num_threads()}, ours: {backend} backend, output {OUT}, "
+          "blocksize 64, median times")
+    if bnbF is None:
+        print(f"bitsandbytes unavailable ({BNB_ERROR!r}): its columns are n/a")
+    copy_gbps = peak = None
     if device == "cuda":
-        buf = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-        t = best_time(lambda: buf.clone(), device, repeats)
-        copy_gbps = 2 * buf.numel() / t / 1e9
-        name = torch.cuda.get_device_name()
+        src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copy_gbps = 2 * src.numel() / measure(lambda: dst.copy_(src)) / 1e9
+        del src, dst
         peak = next((v for k, v in NOMINAL_GBPS.items() if k in name), None)
-        print(f"measured device copy: {copy_gbps:.0f} GB/s; nominal peak: {peak or 'unknown'} GB/s")
-    header = (f"{'weights':>26} {'dq':>3} {'check':>9} {'ours ms':>9} {'bnb ms':>9} {'ours GB/s':>9} "
-              f"{'bnb GB/s':>9} {'ratio':>6}")
-    print(header + ("  ours %copy  ours %peak" if device == "cuda" else ""))
-    for name, weights in weight_sets(device).items():
+        print(f"measured device-to-device copy: {copy_gbps:.0f} GB/s; nominal HBM peak: {peak or 'unknown'} GB/s")
+    cols = f"{'weights':>26} {'dq':>3} {'check':>14} {'ours ms':>8} {'ours GB/s':>9} {'bnb ms':>8} {'bnb/ours':>8}"
+    if device == "cuda":
+        cols += f" {'ref ms':>8} {'ref/ours':>8} {'%copy':>6} {'%peak':>6}"
+    print(cols)
+    sets = weight_sets(device)
+    for label, weights in sets.items():
         for dq in (False, True):
             ours = [quantize_nf4(w, 64, dq, backend=backend) for w in weights]
-            theirs = [bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4") for w in weights]
-            check = check_identical(weights, ours, theirs) if device == "cpu" else "cpu-only"
-            for _, state in theirs:
-                state.dtype = out_dtype
-            t_ours = best_time(lambda: [dequantize_nf4(q, out_dtype, backend=backend) for q in ours], device, repeats)
-            t_bnb = best_time(lambda: [bnbF.dequantize_4bit(p, s) for p, s in theirs], device, repeats)
             gb = bytes_moved(ours, 2) / 1e9
-            line = (f"{name:>26} {'yes' if dq else 'no':>3} {check:>9} {1e3 * t_ours:9.2f} {1e3 * t_bnb:9.2f} "
-                    f"{gb / t_ours:9.2f} {gb / t_bnb:9.2f} {t_bnb / t_ours:6.2f}")
+            t_ours = measure(lambda: [dequantize_nf4(q, OUT, backend=backend) for q in ours])
+            status, t_bnb = "no bnb", None
+            if bnbF is not None:
+                theirs = [bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4") for w in weights]
+                status = check(ours, theirs, backend)
+                t_bnb = measure(lambda: [bnbF.dequantize_4bit(p, s) for p, s in theirs])
+                del theirs
+            line = f"{label:>26} {'yes' if dq else 'no':>3} {status:>14} {1e3 * t_ours:8.3f} {gb / t_ours:9.1f} "
+            line += f"{1e3 * t_bnb:8.3f} {t_bnb / t_ours:8.2f}" if t_bnb else f"{'n/a':>8} {'n/a':>8}"
             if device == "cuda":
-                peak = next((v for k, v in NOMINAL_GBPS.items() if k in torch.cuda.get_device_name()), None)
-                line += f"  {100 * gb / t_ours / copy_gbps:9.1f}%"
-                line += f"  {100 * gb / t_ours / peak:9.1f}%" if peak else "        n/a"
+                t_ref = measure(lambda: [dequantize_nf4(q, OUT, backend="torch") for q in ours])
+                line += f" {1e3 * t_ref:8.3f} {t_ref / t_ours:8.2f} {100 * gb / t_ours / copy_gbps:5.1f}%"
+                line += f" {100 * gb / t_ours / peak:5.1f}%" if peak else f" {'n/a':>6}"
             print(line)
-            del ours, theirs
-    print("ratio = bitsandbytes time / our time (above 1: ours is faster)")
+            del ours
+    print("bnb/ours, ref/ours: their median time / ours (above 1: ours is faster); %copy, %peak: our GB/s as a "
+          "fraction of the measured copy and of the nominal HBM bandwidth")
+    if args.sweep and device == "cuda":
+        sweep(sets["4096x4096"], measure)
 
 
 if __name__ == "__main__":
