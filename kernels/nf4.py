@@ -118,7 +118,10 @@ def _quantize_nf4_kernel(
     offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (ROWS, BLOCKSIZE), contiguous loads
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)  # (ROWS,)
-    scale = tl.maximum(absmax, FLOOR)[:, None]  # (ROWS, 1)
+    # the floor as an fp32 tensor: Triton 3.6 types a Python float below fp32's smallest normal (1e-38 is one)
+    # as fp64, which div_rn then rejects on CUDA (Triton 3.9 and the interpreter accept it)
+    floor = tl.full([ROWS], FLOOR, tl.float32)
+    scale = tl.maximum(absmax, floor)[:, None]  # (ROWS, 1)
     inv = tl.math.div_rn(tl.full([ROWS, 1], 1.0, tl.float32), scale)  # IEEE division, as torch does
     tail = ((rows + 1) * BLOCKSIZE > n)[:, None]  # the short last block divides instead (bitsandbytes CPU)
     y = tl.where(tail, tl.math.div_rn(x, scale), x * inv)
@@ -129,7 +132,7 @@ def _quantize_nf4_kernel(
     high, low = tl.split(tl.reshape(q, (ROWS, HALF, 2)))  # even elements go in the high nibble
     boffs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF) byte indices
     tl.store(packed_ptr + boffs, ((high << 4) | low).to(tl.uint8), mask=boffs < nbytes)
-    stored = tl.where(((rows + 1) * BLOCKSIZE > n), tl.maximum(absmax, FLOOR), absmax)
+    stored = tl.where(((rows + 1) * BLOCKSIZE > n), tl.maximum(absmax, floor), absmax)
     tl.store(absmax_ptr + rows, stored, mask=rows < num_blocks)
 
 
