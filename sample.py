@@ -4,16 +4,18 @@
     python sample.py path/to/gpt2/model.safetensors --prompt "Hello, I'm a language model,"
 
 The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, which is applied to its
-base) or a GPT-2 model.safetensors in Hugging Face layout.
+base), its best/ (the weights with the lowest validation loss: `--best`, or `out/tiny/best`), or a GPT-2
+model.safetensors in Hugging Face layout.
 """
 import argparse
 import dataclasses
 import codecs
 import sys
+from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint
+from nanoft import checkpoint, distributed, run_guard
 from nanoft.config import Config
 from nanoft.data import get_tokenizer
 from nanoft.model import GPT, load_pretrained
@@ -32,9 +34,21 @@ def load_model(source: str) -> GPT:
         return model
     from nanoft.lora import apply_lora, load_adapter_state_dict  # an adapter: rebuild its base first
 
+    run_guard.check_adapter_base(ckpt, source)  # the very base it was trained on, by content
     model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg)
     load_adapter_state_dict(model, ckpt.model)
     return model
+
+
+def check_args(args) -> None:
+    """One line for a value that cannot work, before the model is loaded."""
+    for ok, what in ((args.prompt != "", "--prompt must not be empty (the default is a newline)"),
+                     (args.max_new_tokens >= 1, f"--max_new_tokens must be at least 1; got {args.max_new_tokens}"),
+                     (0 <= args.temperature < float("inf"), f"--temperature must be >= 0; got {args.temperature}"),
+                     (args.top_k >= 0, f"--top_k must be >= 1 (or 0: all tokens); got {args.top_k}")):
+        if not ok:
+            raise ValueError(what)
+    distributed.check_device(args.device)
 
 
 def main() -> None:
@@ -46,7 +60,11 @@ def main() -> None:
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--best", action="store_true", help="the checkpoint's best/ (lowest validation loss), not its latest")
     args = p.parse_args()
+    check_args(args)
+    if args.best:
+        args.checkpoint = str(Path(args.checkpoint) / checkpoint.BEST_DIR)
 
     enc = get_tokenizer()
     model = load_model(args.checkpoint).to(args.device).eval()

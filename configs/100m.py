@@ -2,6 +2,13 @@
 
 Follows the seeds: AdamW, peak lr 6e-4, 100 warmup iterations then cosine decay to min_lr, grad clip 1.0.
 Shape: GPT-2 small's width (768, 12 heads of 64) at 9 layers = ~103M parameters with the tied head.
+
+Data: the embedded Shakespeare has 1.30M training tokens, and this schedule trains on 2000 x 16,384 = 32.8M,
+so it sees each token ~25 times: a 100M model can memorise much of that, and validation loss may turn up before the
+end. out_dir/best keeps the weights with the lowest validation loss (`python sample.py out/100m --best`).
+For a data set this size is meant for, train on TinyStories (2.2 GB of text, some 500M tokens; slow to prepare):
+
+    python data/prepare.py tinystories && python train.py configs/100m.py --dataset=tinystories
 """
 from nanoft.config import Config
 

@@ -2,21 +2,29 @@
 corrupts the last good one.
 
 On disk, in out_dir:
-    ckpt-000500.safetensors   model weights ("model.<name>"), optimizer state tensors ("optim.<i>.<name>"),
-                              RNG states ("rng.<name>")
-    ckpt.json                 {"format", "tensors": "ckpt-000500.safetensors", "sha256", "step", "config",
-                               "base_from", "data", "optim", "extra"}
+    ckpt-000500-<sha>.safetensors   model weights ("model.<name>"), optimizer state tensors
+                                    ("optim.<i>.<name>"), RNG states ("rng.<name>")
+    ckpt.json                       {"format", "tensors": "ckpt-000500-<sha>.safetensors", "sha256", "step",
+                                     "config", "base_from", "data", "optim", "aliases", "extra"}
+    .lock                           held by the run that owns out_dir (nanoft.run_guard)
 
-Atomicity: each file is written to a temporary name, fsync'ed, then renamed over its final name
-(rename is atomic on POSIX). The tensor file gets a new name per step and ckpt.json, written last,
-is the commit record that points at it; older tensor files are deleted only after ckpt.json is
-replaced. A `kill -9` at any instant therefore leaves either the old or the new pair, both loadable.
-The sha256 in the JSON catches a tensor file that was damaged afterwards.
+Atomicity: each file is written to a temporary name of its own process (`<name>.<pid>.tmp`, so two
+writers never share one), fsync'ed, then renamed over its final name (rename is atomic on POSIX). The
+tensor file's name carries the step and the start of its sha256, so a save never replaces the file the
+committed ckpt.json points at (not even a second save of the same step); ckpt.json, written last, is the
+commit record; older tensor files are deleted only after it is replaced. A `kill -9` at any instant
+therefore leaves either the old or the new pair, both loadable; a failed write (a full disk) removes what
+it wrote and keeps the old pair. The sha256 in the JSON catches a tensor file damaged afterwards.
+
+A checkpoint with a NaN or inf in its weights or optimizer state is refused: a diverged run never
+replaces the last good checkpoint. out_dir/best/ (train.py) is a second checkpoint of the same format:
+the weights with the lowest validation loss.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +36,8 @@ from torch import Tensor
 
 FORMAT = "nanoft-checkpoint-1"
 META_NAME = "ckpt.json"
+META_KEYS = ("tensors", "sha256", "step", "config", "base_from", "data", "optim", "extra")
+BEST_DIR = "best"  # out_dir/best: the checkpoint with the lowest validation loss
 # keys that fix the architecture: base weights can't be loaded into a model that differs in these
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 # ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
@@ -50,12 +60,35 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # e.g. best val loss
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, path)
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _write_tmp(path: Path, write) -> Path:
+    """Write through `write(tmp)` and fsync; a failure (ENOSPC, EFBIG...) removes the partial file."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before a name points at them
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    """Temporary files of processes that no longer exist (killed mid-save) are garbage."""
+    for tmp in out_dir.glob("*.tmp"):
+        pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,7 +99,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -111,8 +144,16 @@ def _dedupe(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, st
     return tensors, aliases
 
 
+def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
 def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """Write ckpt into out_dir atomically; returns the path of ckpt.json."""
+    """Write ckpt into out_dir atomically; returns the path of ckpt.json. Refuses non-finite tensors, and
+    turns a failed write into a CheckpointError after removing what it wrote (the old checkpoint stays)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _dedupe(ckpt.model)
@@ -121,20 +162,75 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     if ckpt.optim is not None:
         optim_tensors, optim_meta = _split_optimizer_state(ckpt.optim)
         tensors.update(optim_tensors)
-    tensor_path = out_dir / f"ckpt-{ckpt.step:06d}.safetensors"
-    _write_atomic(tensor_path, lambda p: save_file(tensors, str(p)))
-    meta = {
-        "format": FORMAT, "tensors": tensor_path.name, "sha256": _sha256(tensor_path), "step": ckpt.step,
-        "config": ckpt.config, "base_from": ckpt.base_from, "data": ckpt.data, "optim": optim_meta,
-        "aliases": aliases, "extra": ckpt.extra,
-    }
-    meta_path = out_dir / META_NAME
-    _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
-    _fsync_dir(out_dir)
+    bad = _first_non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to save step {ckpt.step} in {out_dir}: {bad} holds NaN or inf "
+                              "(the run diverged); the previous checkpoint is kept")
+    _remove_stale_tmp(out_dir)
+    tensor_path = meta_path = None
+    try:
+        tmp = _write_tmp(out_dir / f"ckpt-{ckpt.step:06d}.safetensors", lambda p: save_file(tensors, str(p)))
+        sha = sha256_file(tmp)
+        # the name holds the content's hash: never the name of the committed file unless the bytes are equal
+        tensor_path = out_dir / f"ckpt-{ckpt.step:06d}-{sha[:12]}.safetensors"
+        os.replace(tmp, tensor_path)
+        meta = {
+            "format": FORMAT, "tensors": tensor_path.name, "sha256": sha, "step": ckpt.step,
+            "config": ckpt.config, "base_from": ckpt.base_from, "data": ckpt.data, "optim": optim_meta,
+            "aliases": aliases, "extra": ckpt.extra,
+        }
+        text = json.dumps(meta, indent=1, allow_nan=False)  # strict JSON: no bare NaN for other readers
+        meta_path = out_dir / META_NAME
+        os.replace(_write_tmp(meta_path, lambda p: p.write_text(text)), meta_path)
+    except (OSError, ValueError, SafetensorError) as e:
+        if tensor_path is not None and _committed_tensors(out_dir) != tensor_path.name:
+            tensor_path.unlink(missing_ok=True)  # an orphan: the committed ckpt.json does not point at it
+        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"could not write the step {ckpt.step} checkpoint in {out_dir}: {what}; "
+                              f"the previous checkpoint is kept") from None
+    _fsync_dir(out_dir)  # make the renames themselves durable
     for old in out_dir.glob("ckpt-*.safetensors"):  # safe now: ckpt.json no longer points at them
         if old.name != tensor_path.name:
             old.unlink()
     return meta_path
+
+
+def _committed_tensors(out_dir: Path) -> str | None:
+    try:
+        return read_meta(out_dir)["tensors"]
+    except CheckpointError:
+        return None
+
+
+def read_meta(out_dir: str | Path) -> dict:
+    """ckpt.json alone (no tensors read), checked to have every key a checkpoint needs."""
+    meta_path = Path(out_dir) / META_NAME
+    if not meta_path.is_file():
+        raise CheckpointError(f"no checkpoint in {out_dir} ({META_NAME} not found)")
+    return _parse_meta(meta_path, meta_path.read_bytes())
+
+
+def _parse_meta(meta_path: Path, raw: bytes) -> dict:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a {FORMAT} file")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: no {missing[0]!r} key")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["step"], int):
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: 'config' or 'step' has the wrong type")
+    return meta
+
+
+def best_val_loss(out_dir: str | Path) -> float:
+    """The validation loss of out_dir/best (train.py keeps the best weights there), inf if none."""
+    try:
+        return float(read_meta(Path(out_dir) / BEST_DIR)["extra"].get("val_loss", math.inf))
+    except CheckpointError:
+        return math.inf
 
 
 def exists(out_dir: str | Path) -> bool:
@@ -160,16 +256,11 @@ def load(out_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
 
 def _load(out_dir: Path, raw: bytes, map_location: str) -> Checkpoint:
     meta_path = out_dir / META_NAME
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a {FORMAT} file")
+    meta = _parse_meta(meta_path, raw)
     tensor_path = out_dir / meta["tensors"]
     if not tensor_path.is_file():
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing")
-    if _sha256(tensor_path) != meta["sha256"]:
+    if sha256_file(tensor_path) != meta["sha256"]:
         raise CheckpointError(f"corrupt checkpoint: {tensor_path} does not match the sha256 in {meta_path}")
     try:
         tensors = load_file(str(tensor_path), device=map_location)

@@ -14,8 +14,10 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import runpy
 import tokenize
+import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ class Config:
     # --- I/O ---
     out_dir: str = "out"  # where checkpoints and metrics.jsonl are written
     init_from: str = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir), a nanoft checkpoint dir, or a GPT-2 model.safetensors path
+    overwrite: bool = False  # start a new run in an out_dir that holds a checkpoint (it is replaced at the first save)
     max_iters: int = 1000  # optimizer steps to train for
     log_interval: int = 10  # write metrics every this many steps
     eval_interval: int = 200  # estimate validation loss every this many steps (and at the end)
@@ -70,6 +73,7 @@ class Config:
     beta2: float = 0.95  # Adam second-moment decay
     eps: float = 1e-8  # Adam denominator epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
     min_8bit_size: int = 4096  # 8-bit optimizers keep 32-bit states for tensors smaller than this
     page_size: int = 1 << 20  # elements per chunk paged between host and device by paged optimizers
     adafactor_relative_step: bool = False  # Adafactor computes its own step size (lr is then ignored)
@@ -91,6 +95,7 @@ class Config:
     dtype: str = "auto"  # autocast dtype: auto is bfloat16 on CUDA when supported, float32 elsewhere
     compile: bool = False  # torch.compile the model (CUDA only; slow to start)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer states (FSDP2)
+    dist_timeout: int = 600  # under torchrun: seconds a collective waits for the other ranks before failing
     seed: int = 1337  # seeds the model init and the batch order
 
     def __post_init__(self) -> None:
@@ -105,10 +110,27 @@ class Config:
             raise ConfigError(f"config key 'lora_targets' has unknown {bad}; valid targets: {', '.join(LORA_TARGETS)}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"config key 'n_embd' ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every number in range, so a typo fails here in one line rather than as NaN or a crash mid-run."""
         for key in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "log_interval",
-                    "eval_interval", "save_interval", "n_layer", "n_head", "n_embd", "lora_r"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be at least 1; got {getattr(self, key)}")
+                    "eval_interval", "save_interval", "n_layer", "n_head", "n_embd", "vocab_size", "lora_r",
+                    "max_bad_steps", "dist_timeout", "min_8bit_size", "page_size", "nf4_blocksize"):
+            _check(key, getattr(self, key) >= 1, getattr(self, key), "at least 1")
+        _check("lr", math.isfinite(self.lr) and self.lr > 0, self.lr, "a finite number > 0")
+        _check("min_lr", 0 <= self.min_lr <= self.lr, self.min_lr, f"between 0 and lr ({self.lr})")
+        _check("warmup_iters", 0 <= self.warmup_iters <= self.max_iters, self.warmup_iters,
+               f"between 0 and max_iters ({self.max_iters})")
+        for key in ("dropout", "lora_dropout", "beta1", "beta2"):
+            _check(key, 0 <= getattr(self, key) < 1, getattr(self, key), "in [0, 1)")
+        for key in ("weight_decay", "grad_clip"):
+            _check(key, 0 <= getattr(self, key) < math.inf, getattr(self, key), "a finite number >= 0")
+        _check("eps", 0 < self.eps < 1, self.eps, "in (0, 1)")
+        _check("lora_alpha", 0 < self.lora_alpha < math.inf, self.lora_alpha, "a finite number > 0")
+        _check("seed", 0 <= self.seed < 2**63, self.seed, "in [0, 2**63)")
+        for key in ("out_dir", "init_from", "dataset"):
+            _check(key, bool(getattr(self, key).strip()), getattr(self, key), "not empty")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,6 +142,11 @@ class Config:
             if key not in field_names():
                 raise unknown_key_error(key)
         return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _check(key: str, ok: bool, value: object, expected: str) -> None:
+    if not ok:  # NaN fails every comparison, so it lands here too
+        raise ConfigError(f"config key '{key}' must be {expected}; got {value!r}")
 
 
 def _check_type(key: str, expected: type, value: object) -> None:
@@ -169,9 +196,16 @@ def load_config(path: str, argv: list[str]) -> Config:
         raise ConfigError(f"config file not found: {path}")
     try:
         namespace = runpy.run_path(path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except ConfigError as e:  # Config(lr=-1) inside the file
+        raise ConfigError(f"{path}: {e}") from None
     except TypeError as e:  # Config(unknown=...) inside the file
-        bad = str(e).split("'")[1] if "'" in str(e) else ""
+        bad = str(e).split("'")[1] if "unexpected keyword argument '" in str(e) else ""
         raise (unknown_key_error(bad) if bad else ConfigError(f"{path}: {e}")) from None
+    except Exception as e:  # anything else the file's own code raised: name the line, not a traceback
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
+        raise ConfigError(f"{path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
     config = namespace.get("config")
     if not isinstance(config, Config):
         raise ConfigError(f"{path} must define `config = Config(...)`")

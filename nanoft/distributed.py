@@ -33,6 +33,7 @@ with batch_size=8 (or in 2 ranks with batch_size=4 again).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -78,16 +79,35 @@ def check_fsdp(cfg) -> None:
                          "adapters are small, train them with DDP (fsdp=False)")
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 for a plain `python train.py`); usable before setup()."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_device(device: str) -> None:
+    """A device the config names must exist: one line now, not an assertion deep inside torch later."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device={device} but {why}; use --device=cpu (or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device=mps but MPS is not available here; use --device=cpu (or auto)")
+
+
 def setup(device: str, cfg) -> Dist:
-    """Join the process group torchrun describes: NCCL for CUDA, gloo for CPU."""
+    """Join the process group torchrun describes: NCCL for CUDA, gloo for CPU.
+
+    A collective waits at most cfg.dist_timeout seconds for the other ranks: a rank that died or hangs
+    then ends the run with an error instead of keeping the others (and their GPUs) waiting forever."""
     check_fsdp(cfg)
+    check_device(device)
     if "RANK" not in os.environ:
         return Dist()  # a single process: fsdp=True changes nothing (one shard is the whole model)
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     d = Dist(rank, local_rank, world_size, fsdp=cfg.fsdp and world_size > 1)
     if device.startswith("cuda"):
         torch.cuda.set_device(d.local_rank)  # NCCL collectives run on the current device
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     return d
 
 
@@ -184,7 +204,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, d: Dist)
     """Load a full optimizer state (from any world size); with fsdp each rank keeps its shard of it.
 
     Parameter ids follow the optimizer's parameter order, which is the same however the run is launched.
-    A state tensor shaped like its (sharded) parameter is cut the way the parameter was, locally."""
+    A state tensor shaped like its (sharded) parameter is cut the way the parameter was, locally.
+    The hyperparameters in each param group (lr, weight_decay, betas, eps, fused...) stay what this run's
+    config made them: a resume may change them, and the saved ones may not even fit this device."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if d.fsdp:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -198,6 +221,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, d: Dist)
                     # src_data_rank=None: every rank holds the full tensor already; no communication
                     slots[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
     optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, own):
+        group.update(hyper)
 
 
 def barrier(d: Dist) -> None:

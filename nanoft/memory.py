@@ -4,7 +4,7 @@
     python -m nanoft.memory configs/100m.py --finetune=qlora --gradient_checkpointing=True
     python -m nanoft.memory configs/100m.py --measure --batch_size=2   # build it, run steps, measure beside the estimate
     python -m nanoft.memory --shape=llama-70b --block_size=4096 --batch_size=1 --device=cuda
-    python -m nanoft.memory --shape=7b                              # the seed's 16 B/param rule: 112 GB
+    python -m nanoft.memory --shape=7b                              # the 16 bytes/parameter rule: 112 GB
     python -m nanoft.memory --arch=llama --n_layer=32 --n_embd=4096 --n_head=32 --intermediate=11008 --vocab_size=32000
 
 The estimate (nanoft.memory_estimate) needs only shapes, so a 70B model is estimated without allocating it.
@@ -153,7 +153,7 @@ class MeasureError(RuntimeError):
 def build(cfg: Config, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer exactly as train.py builds them (random weights: memory does not care)."""
     torch.manual_seed(cfg.seed)
-    model = apply_lora(GPT(cfg), cfg).to(device)  # apply_lora leaves full / none unchanged
+    model = apply_lora(GPT(cfg), cfg, device).to(device)  # apply_lora leaves full / none unchanged
     return model, make_optimizer(cfg, model)
 
 
@@ -325,8 +325,10 @@ def parse_args(argv: list[str]) -> tuple[Config, str, dict]:
             else:
                 try:
                     own[key] = kind(float(text)) if kind is int else kind(text)
-                except ValueError:
+                except (ValueError, OverflowError):
                     raise ConfigError(f"--{key} expects {kind.__name__}, got {text!r}") from None
+                if kind in (int, float) and not 1 <= own[key] < float("inf"):  # sizes and counts; NaN fails too
+                    raise ConfigError(f"--{key} must be at least 1, got {text!r}")
         else:
             rest.append(arg)
     cfg = load_config(path, rest) if path else Config(**parse_overrides(rest))
@@ -369,7 +371,7 @@ def _describe(shape: ModelShape, run: Run, label: str, est: dict) -> str:
     dtype = {4: "float32", 2: cfg.dtype if cfg.dtype != "auto" else "bfloat16"}[run.act_bytes]
     return (f"memory of {label}: {what}\n"
             f"  {run.mode} ({cfg.finetune}), {cfg.optimizer}, {run.device}, activations in {dtype} "
-            f"(parameters float32), batch {cfg.batch_size} x {cfg.block_size} tokens, grad_accum {cfg.grad_accum}, "
+            f"({'parameters float32' if run.mode == 'full' else f'frozen base {dtype}, trained float32'}), batch {cfg.batch_size} x {cfg.block_size} tokens, grad_accum {cfg.grad_accum}, "
             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
 
 
@@ -420,7 +422,7 @@ def seed_lines(shape: ModelShape, est: dict) -> str:
     fp32_adamw = peak_bytes(shape, Run(dataclasses.replace(Config(), optimizer="adamw", finetune="full",
                                                            batch_size=1, block_size=1), "cpu", 4))
     static = fp32_adamw["params"] + fp32_adamw["grads"] + fp32_adamw["states"]
-    return (f"seed 001's rule, fp32 AdamW full fine-tune, parameters + gradients + Adam states (activations "
+    return (f"the 16 bytes/parameter rule (4 weights + 4 gradients + 8 Adam states), fp32 AdamW full fine-tune, parameters + gradients + Adam states (activations "
             f"excluded): 16 B x {n:,} = {16 * n / GB:,.2f} GB (decimal); tensor by tensor: {static / GB:,.2f} GB")
 
 
