@@ -201,8 +201,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 for lst, t in zip(bucket[1:], (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                     lst.append(t)
             else:
-                flat = {name: t.view(-1) for name, t in state.items() if isinstance(t, Tensor)}
-                self._update_8bit(p.view(-1), g.view(-1), flat, state["step"], group)
+                self._update_8bit(p, g, state, state["step"], group)
         for (_, device), (group, ps, gs, ms, vs, steps) in buckets.items():
             adamw_32bit_(ps, gs, ms, vs, steps, **self._hyper(group), fused=self._fused_on(device))
 
@@ -222,20 +221,23 @@ class AdamW8bit(torch.optim.Optimizer):
         else:
             self._update_8bit(p, g, states, step, group)
 
-    def _update_8bit(self, p: Tensor, g: Tensor, states: dict[str, Tensor], step: int, group: dict) -> None:
+    def _update_8bit(self, p: Tensor, g: Tensor, states: dict, step: int, group: dict) -> None:
+        """p, g and the codes share a shape (the parameter's, or flat for a page); absmax is flat."""
         hp = dict(step=step, **self._hyper(group))
-        names = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        m_codes, m_absmax = states["exp_avg_codes"], states["exp_avg_absmax"]
+        v_codes, v_absmax = states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"]
         if p.is_cuda:  # one launch of the fused kernel (or, with backend="torch", one reference call)
-            adamw8bit_update_(p, g, *(states[k] for k in names), backend=self.backend, **hp)
+            adamw8bit_update_(p, g, m_codes, m_absmax, v_codes, v_absmax, backend=self.backend, **hp)
             return
         # On the CPU the reference materialises float32 m, v and more (~33 bytes per element). Chunks of 1M
         # elements keep that scratch bounded and recycled by malloc: whole, the 100M model's embedding makes
         # ~1 GB of fresh temporaries whose pages the OS faults in and zeroes on every step (2.8x slower).
+        p, g, m_codes, v_codes = p.view(-1), g.view(-1), m_codes.view(-1), v_codes.view(-1)
         for start in range(0, p.numel(), REFERENCE_CHUNK):
             end = min(start + REFERENCE_CHUNK, p.numel())
             a, b = start // BLOCKSIZE, -(-end // BLOCKSIZE)
-            adamw8bit_update_(p[start:end], g[start:end], states[names[0]][start:end], states[names[1]][a:b],
-                              states[names[2]][start:end], states[names[3]][a:b], backend=self.backend, **hp)
+            adamw8bit_update_(p[start:end], g[start:end], m_codes[start:end], m_absmax[a:b], v_codes[start:end],
+                              v_absmax[a:b], backend=self.backend, **hp)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor comes back with its saved dtype, where this optimizer keeps it."""
