@@ -8,6 +8,7 @@ RLIMIT_FSIZE, makes write() fail with EFBIG exactly where a full disk fails with
 import dataclasses
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -271,15 +272,18 @@ def _file_size_limit(limit: int):
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_leaves_nothing_behind(tmp_path):
     train(tmp_path, "--max_iters=2", "--eval_interval=2")
-    before = files(tmp_path)
+    before, best_before = files(tmp_path), files(tmp_path / "best")
     r = run(train_cmd(tmp_path, "--max_iters=4", "--eval_interval=4", "--init_from=resume"),
             preexec_fn=_file_size_limit(1 << 20))  # metrics fit; a 20 MB checkpoint does not
-    assert last_line(r) == (f"error: could not write the step 4 checkpoint in {tmp_path}: File too large; "
-                            "the previous checkpoint is kept")
+    # the first write to fail is best/ when step 4 has a lower validation loss, else the latest checkpoint
+    assert re.fullmatch(rf"error: could not write the step 4 checkpoint in {re.escape(str(tmp_path))}(/best)?: "
+                        r".*File too large.*; the previous checkpoint is kept", last_line(r)), last_line(r)
     after = files(tmp_path)
     assert after.keys() == before.keys()  # no orphan tensor file, no .tmp
-    assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == {k: v for k, v in before.items() if k != "metrics.jsonl"}
-    assert checkpoint.load(tmp_path).step == 2
+    written = ("metrics.jsonl", ".lock")  # appended to, and naming its holder
+    assert {k: v for k, v in after.items() if k not in written} == {k: v for k, v in before.items() if k not in written}
+    assert files(tmp_path / "best") == best_before
+    assert checkpoint.load(tmp_path).step == 2 and checkpoint.load(tmp_path / "best").step == 2
 
 
 # --- 6. distributed: a rank that never arrives ends the run --------------------------------------------
