@@ -9,8 +9,8 @@
     torchrun --nproc_per_node=2 train.py configs/tiny.py --fsdp=True  # sharded (FSDP2)
     python train.py configs/100m.py --help                # every config key
 
-Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json +
-ckpt-<step>.safetensors). Ctrl-C saves a checkpoint and exits.
+Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json + ckpt-<step>-<sha>
+.safetensors; best/ holds the lowest validation loss). Ctrl-C saves a checkpoint and exits. A NaN/inf step is skipped.
 """
 import contextlib
 import dataclasses

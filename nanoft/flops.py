@@ -66,8 +66,9 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def _measure_matmul(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)  # its own generator: the run's RNG (dropout, resume) is untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     best = float("inf")
     for _ in range(reps + 1):  # the first warms up (thread pool, kernels)
         if device.startswith("cuda"):

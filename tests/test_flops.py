@@ -40,3 +40,15 @@ def test_cpu_peak_is_a_measured_matmul():
     peak, source = peak_flops("cpu", torch.float32)
     assert source == "measured matmul" and 1e8 < peak < 1e15
     assert peak_flops("cpu", torch.float32)[0] == peak  # measured once per process
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """train.py measures the CPU's peak after restoring a checkpoint's RNG: drawing from it would change
+    every dropout mask after a resume."""
+    from nanoft import flops
+    flops._measured.clear()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    peak_flops("cpu", torch.float32)
+    assert torch.equal(torch.rand(3), expected)
