@@ -10,6 +10,7 @@ model.safetensors in Hugging Face layout.
 import argparse
 import dataclasses
 import codecs
+import contextlib
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from nanoft.model import GPT, load_pretrained
 GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
 
 
-def load_model(source: str) -> GPT:
+def load_model(source: str, device: str = "cpu") -> GPT:
     if source.endswith(".safetensors"):
         return load_pretrained(GPT2_SMALL, source)
     ckpt = checkpoint.load(source)
@@ -35,7 +36,7 @@ def load_model(source: str) -> GPT:
     from nanoft.lora import apply_lora, load_adapter_state_dict  # an adapter: rebuild its base first
 
     run_guard.check_adapter_base(ckpt, source)  # the very base it was trained on, by content
-    model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg)
+    model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg, device)  # QLoRA quantizes on the device
     load_adapter_state_dict(model, ckpt.model)
     return model
 
@@ -67,16 +68,20 @@ def main() -> None:
         args.checkpoint = str(Path(args.checkpoint) / checkpoint.BEST_DIR)
 
     enc = get_tokenizer()
-    model = load_model(args.checkpoint).to(args.device).eval()
+    model = load_model(args.checkpoint, args.device).to(args.device).eval()
+    # a LoRA model keeps its frozen base in bf16 on CUDA beside float32 adapters: run it under autocast, as it trained
+    low = {p.dtype for p in model.parameters()} - {torch.float32}
+    autocast = torch.autocast(torch.device(args.device).type, low.pop()) if low else contextlib.nullcontext()
     idx = torch.tensor([enc.encode(args.prompt, allowed_special={"<|endoftext|>"})], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two tokens
-    for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, generator=gen):
-        t = token.item()
-        if t < enc.n_vocab:  # a padded vocabulary has ids no text maps to
-            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(t)))
-            sys.stdout.flush()  # stream: show each token as soon as it exists
+    with autocast:
+        for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, generator=gen):
+            t = token.item()
+            if t < enc.n_vocab:  # a padded vocabulary has ids no text maps to
+                sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(t)))
+                sys.stdout.flush()  # stream: show each token as soon as it exists
     sys.stdout.write("\n")
 
 

@@ -230,7 +230,8 @@ def main(argv: list[str]) -> None:
         if dist.is_master:
             print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
     elif dist.is_master and not dist.fsdp:  # fsdp: score the checkpoint in one process
-        print(task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
+        with autocast:  # as it trained: a LoRA model's frozen base is bf16 on CUDA, its adapters float32
+            print(task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
     distributed.teardown(dist)

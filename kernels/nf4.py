@@ -238,7 +238,11 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
         packed, absmax = quantize_nf4_reference(x, blocksize, bounds)
     state = NF4State(packed=packed, absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize)
     if double_quant:
-        offset = absmax.mean()  # torch's float32 mean, as bitsandbytes; on CUDA, CUDA's summation order
+        # the mean on the CPU, whatever the device: float32 sums depend on their order, and torch's CUDA mean
+        # adds in another order than its CPU mean (which bitsandbytes' CPU path and our reference use), so a
+        # GPU mean would shift the offset by an ulp and every nested code with it (seen on an H100). One copy of
+        # num_blocks floats per weight, once, when the model is quantized.
+        offset = absmax.cpu().mean().to(absmax.device)
         qabsmax, nested_absmax = quantize_blockwise8(
             absmax - offset, _default_code(x.device), NESTED_BLOCKSIZE, backend=backend
         )

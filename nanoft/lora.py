@@ -334,7 +334,7 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read
     check_adapter_base(ck, adapter_dir, base)
     owner = lock_dir(out_dir, "python -m nanoft.lora merge")  # noqa: F841 (held until we return)
-    model = apply_lora(load_pretrained(cfg, base), cfg)
+    model = apply_lora(load_pretrained(cfg, base), cfg, dtype=torch.float32)  # merge in float32, whatever the run's dtype
     load_adapter_state_dict(model, ck.model)
     model = merge_lora(model).float()
     merged_cfg = dataclasses.replace(cfg, finetune="none", init_from="scratch", out_dir=str(out_dir))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bitsandbytes.functional as bnbF
-from conftest import device_for
+from conftest import bnb_native_cpu, device_for
 from nanoft.kernels import dequantize_blockwise8, dynamic_map, quantize_blockwise8
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -28,6 +28,8 @@ def bnb_quantize(x, code, blocksize):
 
 
 def bnb_dequantize(q, absmax, code, blocksize, dtype):
+    if not bnb_native_cpu():  # its PyTorch fallback: float32 maths rounded once, as its C kernel does (conftest)
+        return torch.ops.bitsandbytes.dequantize_blockwise.default(q, absmax, code, blocksize, torch.float32).to(dtype)
     return torch.ops.bitsandbytes.dequantize_blockwise.default(q, absmax, code, blocksize, dtype)
 
 

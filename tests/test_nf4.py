@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.functional import QuantState
-from conftest import device_for
+from conftest import bnb_native_cpu, device_for
 from nanoft.kernels import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES
 
@@ -49,6 +49,8 @@ def bnb_cpu_row_bug(shape, blocksize) -> bool:
 
 
 def bnb_dequantize(packed, state, dtype, allow_row_bug=False):
+    if not bnb_native_cpu() and dtype != torch.float32:  # its PyTorch fallback: see conftest.bnb_native_cpu
+        return bnb_dequantize(packed, state, torch.float32, allow_row_bug).to(dtype)
     state.dtype = dtype
     with torch._dynamo.config.patch(disable=True):
         tiny_nd = packed.shape[0] == 1 and len(state.shape) > 2  # its [1, n] back-compat shim calls .t() on 3-D
@@ -124,6 +126,7 @@ def test_double_quant_spans_several_nested_blocks(backend):
     check_against_bnb(x, 64, True, backend)
 
 
+@pytest.mark.skipif(not bnb_native_cpu(), reason="the bug is in bitsandbytes' C CPU kernel, which its CUDA build does not run")
 def test_bitsandbytes_cpu_dequantize_row_bug():
     """bitsandbytes' C kernel disagrees with its own PyTorch dequantize here; we agree with the latter."""
     x = torch.randn(48, 48)  # 2304 values, blocks of 512 cross rows
