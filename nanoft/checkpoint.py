@@ -310,6 +310,8 @@ def rng_state() -> dict[str, Tensor]:
 
 def set_rng_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["torch_cpu"].cpu())
-    cuda = [state[k].cpu() for k in sorted(state) if k.startswith("torch_cuda_")]
+    # by device number: sorted as strings, torch_cuda_10 would come before torch_cuda_2
+    names = sorted((k for k in state if k.startswith("torch_cuda_")), key=lambda k: int(k.removeprefix("torch_cuda_")))
+    cuda = [state[k].cpu() for k in names]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

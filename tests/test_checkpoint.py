@@ -94,3 +94,15 @@ def test_mismatched_model_is_refused_without_partial_load(tmp_path):
     del ckpt.model["blocks.1.ln_2.weight"]
     with pytest.raises(CheckpointError, match=r"missing \['blocks.1.ln_2.weight'\]"):
         checkpoint.load_weights(GPT(CFG), ckpt.model, str(tmp_path))
+
+
+def test_cuda_rng_states_are_restored_by_device_number(monkeypatch):
+    """Eleven GPUs' states, saved as torch_cuda_0..10: device 2 must get torch_cuda_2, not torch_cuda_10
+    (a string sort puts "10" before "2")."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    state = {"torch_cpu": torch.get_rng_state()}
+    state.update({f"torch_cuda_{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(11)})
+    checkpoint.set_rng_state(state)
+    assert [int(s[0]) for s in restored] == list(range(11))
