@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.input:
-            out = data.prepare_text_files(args.input, name, args.val_fraction or 0.1)
+            out = data.prepare_text_files(args.input, name, 0.1 if args.val_fraction is None else args.val_fraction)
         elif args.url or name in data.CORPORA:
-            out = data.prepare_url(name, url=args.url, sha256=args.sha256, val_fraction=args.val_fraction or 0.01)
+            out = data.prepare_url(name, url=args.url, sha256=args.sha256, val_fraction=0.01 if args.val_fraction is None else args.val_fraction)
         elif name == "shakespeare":
             out = data.prepare_shakespeare()
         else:

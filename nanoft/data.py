@@ -252,13 +252,20 @@ def _documents(text: str) -> list[str]:
     return [d.strip() for d in text.split(EOT) if d.strip()]
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # name the file: a glob may match hundreds
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. with iconv") from None
+
+
 def prepare_text_files(pattern: str, name: str, val_fraction: float = 0.1) -> Path:
     """Your own text: every file matching the glob `pattern` (sorted, `**` allowed) is a document, and
     "<|endoftext|>" inside a file separates documents too. val.bin is the last `val_fraction` of tokens."""
     files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not files:
         raise FileNotFoundError(f"no files match {pattern!r}")
-    docs = [d for f in files for d in _documents(Path(f).read_text(encoding="utf-8"))]
+    docs = [d for f in files for d in _documents(_read_utf8(Path(f)))]
     if not docs:
         raise ValueError(f"the files matching {pattern!r} hold no text")
     return write_split(encode_documents(docs), DATA_ROOT / name, val_fraction)

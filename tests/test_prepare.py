@@ -77,6 +77,24 @@ def test_prepare_cli_text_files(tmp_path, enc):
     assert decoded(enc, root / "mytext") == ("Hello world. " * 50).strip() + "<|endoftext|>"
 
 
+def test_prepare_cli_bad_input_is_one_line_naming_the_file(tmp_path):
+    """A file that is not UTF-8 is named (a glob may match hundreds); --val-fraction=0 is refused, not
+    silently replaced by the default."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("Hello world. " * 50)
+    (tmp_path / "notes" / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    root = tmp_path / "data"
+    cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(tmp_path / "notes" / "*.txt"), "--name", "x"]
+    result = subprocess.run(cmd, env=cli_env(root), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'notes' / 'b.txt'} is not UTF-8 text (byte 3: unexpected " \
+        "end of data); convert it, e.g. with iconv"
+    (tmp_path / "notes" / "b.txt").unlink()
+    result = subprocess.run(cmd + ["--val-fraction=0"], env=cli_env(root), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "error: val_fraction must be in (0, 1), got 0.0"
+    assert not (root / "x").exists()  # nothing half-written
+
+
 @pytest.mark.parametrize("chunk_chars", [1, 7, 1000])
 def test_tokenize_text_file_streams_across_chunk_boundaries(tmp_path, enc, chunk_chars):
     (tmp_path / "s.txt").write_bytes(CORPUS)
