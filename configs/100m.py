@@ -1,6 +1,6 @@
 """The 100M-parameter pretraining exercise on Shakespeare (GPU-sized; runs on CPU too, slowly).
 
-Follows the seeds: AdamW, peak lr 6e-4, 100 warmup iterations then cosine decay to min_lr, grad clip 1.0.
+The usual GPT-2-small recipe: AdamW, peak lr 6e-4, 100 warmup iterations then cosine decay to min_lr, grad clip 1.0.
 Shape: GPT-2 small's width (768, 12 heads of 64) at 9 layers = ~103M parameters with the tied head.
 
 Data: the embedded Shakespeare has 1.30M training tokens, and this schedule trains on 2000 x 16,384 = 32.8M,

@@ -417,7 +417,7 @@ def comparison(shape: ModelShape, run: Run) -> str:
     return "\n".join(lines)
 
 
-def seed_lines(shape: ModelShape, est: dict) -> str:
+def rule_16_lines(shape: ModelShape, est: dict) -> str:
     n = est["n_params"]
     fp32_adamw = peak_bytes(shape, Run(dataclasses.replace(Config(), optimizer="adamw", finetune="full",
                                                            batch_size=1, block_size=1), "cpu", 4))
@@ -446,7 +446,7 @@ def main(argv: list[str]) -> None:
         got = measure(cfg, own.get("steps", 1))
     print(_describe(shape, run, label, est))
     print(table(est, got))
-    print(seed_lines(shape, est))
+    print(rule_16_lines(shape, est))
     print(f"\nestimates for every optimizer and mode (same shape, batch and precision; {run.device}):")
     print(comparison(shape, run))
 

@@ -1,6 +1,6 @@
 """How much memory a training run needs, worked out from shapes alone: nothing is allocated.
 
-The seeds' rule for a full fine-tune in fp32 with AdamW (seed 001):
+The 16 bytes/parameter rule for a full fine-tune in fp32 with AdamW:
 
     memory = parameters (4 B/param) + gradients (4 B/param) + Adam states (8 B/param) + activations
            = 16 B/param + activations           7e9 params -> 112 GB,  70e9 params -> 1,120 GB (decimal GB)
@@ -17,7 +17,7 @@ what autograd actually saves in nanoft's forward pass:
     transients   the logits that train.py holds, the loss's gradient, optimizer scratch (see `peak_bytes`)
 
 `ModelShape` describes a model without building it: from a nanoft Config (GPT-2 shaped), from a preset
-(`llama-7b`, `llama-70b`, `gpt2-xl` ...), or from a bare parameter count (`params=7e9`, the seed's own
+(`llama-7b`, `llama-70b`, `gpt2-xl` ...), or from a bare parameter count (`params=7e9`, the rule's own
 figures: there are no dimensions then, so only the per-parameter rows are estimated).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from nanoft.config import Config
 
-GB, MiB, GiB = 10**9, 2**20, 2**30  # the seed's GB is decimal; the tables use binary MiB/GiB
+GB, MiB, GiB = 10**9, 2**20, 2**30  # the rule's GB is decimal; the tables use binary MiB/GiB
 
 # bytes per element of the dtypes that occur
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -70,7 +70,7 @@ class ModelShape:
 
 # Presets: published dimensions. LLaMA-2 7B (hidden 4096, 32 layers, SwiGLU 11008, 32 heads, vocab 32000) has
 # 6.74e9 parameters and LLaMA-2 70B (8192, 80 layers, 28672, 64 heads of which 8 key/value) 68.98e9: the
-# seed's "7B" and "70B" are round numbers, reproduced exactly by the nominal presets "7b" and "70b".
+# rule's "7B" and "70B" are round numbers, reproduced exactly by the nominal presets "7b" and "70b".
 PRESETS = {
     "llama-7b": ModelShape("llama", 32, 4096, 32, 32, 11008, 32000, 0, bias=False, tied=False),
     "llama-13b": ModelShape("llama", 40, 5120, 40, 40, 13824, 32000, 0, bias=False, tied=False),
@@ -207,7 +207,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
 def state_bytes(p: ParamSpec, elem: int, cfg: Config) -> int:
     """Optimizer state of one trainable tensor, exactly as nanoft.optim.make_optimizer's optimizer keeps it."""
     n = p.numel
-    if p.name == "all":  # a nominal count: the seed's per-parameter bytes, no per-tensor extras
+    if p.name == "all":  # a nominal count: the rule's per-parameter bytes, no per-tensor extras
         per_param = {"adamw": 2 * elem, "paged_adamw": 8, "adamw8bit": 2 + 8 / 256, "paged_adamw8bit": 2 + 8 / 256}
         if cfg.optimizer in per_param:
             return math.ceil(n * per_param[cfg.optimizer])
@@ -458,9 +458,9 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     total = base + moments[worst]
     return {**st, "activations": act["peak"], "act_forward": act["forward"], "act_recompute": act["recompute"],
             "logits": logits, "transient": total - (base - logits - batch) - st["grads"] - act["peak"],
-            "total": total, "peak_moment": worst, "seed_rule": 16 * st["n_params"]}
+            "total": total, "peak_moment": worst, "rule_16_bytes": 16 * st["n_params"]}
 
 
-def seed_rule_bytes(n_params: int) -> int:
-    """Seed 001's full fine-tune estimate without activations: 4 (weights) + 4 (grads) + 8 (Adam) bytes/param."""
+def rule_16_bytes(n_params: int) -> int:
+    """The 16 bytes/parameter rule's full fine-tune estimate without activations: 4 (weights) + 4 (grads) + 8 (Adam) bytes/param."""
     return 16 * n_params

@@ -1,4 +1,4 @@
-"""The memory estimator against the seed's figures, the real model, and measurements of real training steps."""
+"""The memory estimator against the 16 bytes/parameter rule, the real model, and measurements of real training steps."""
 import dataclasses
 import re
 import resource
@@ -12,7 +12,7 @@ import torch
 from nanoft.config import Config, ConfigError
 from nanoft.memory import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
                            train_step)
-from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes, seed_rule_bytes,
+from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes, rule_16_bytes,
                                     static_bytes)
 from nanoft.model import GPT
 
@@ -27,12 +27,12 @@ def _static_rows(est: dict) -> dict:
 
 
 def test_seed_figures_exact():
-    """Seed 001: fp32 AdamW full fine-tune, params + grads + states (activations excluded) = 16 B/param."""
+    """The 16 bytes/parameter rule: fp32 AdamW full fine-tune, params + grads + states (activations excluded) = 16 B/param."""
     run = Run(Config(optimizer="adamw", finetune="full"), "cpu", 4)
     for name, want in (("7b", 112 * GB), ("70b", 1120 * GB)):
         est = static_bytes(PRESETS[name], run)
         assert est["params"] + est["grads"] + est["states"] == want
-        assert seed_rule_bytes(est["n_params"]) == want
+        assert rule_16_bytes(est["n_params"]) == want
     # the real LLaMA-2 shapes are a little smaller than the round names
     assert PRESETS["llama-7b"].num_params() == 6_738_415_616
     assert PRESETS["llama-70b"].num_params() == 68_976_648_192

@@ -50,7 +50,7 @@ def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         return PagedAdamW(groups, **adam, page_size=cfg.page_size)
     if name == "paged_adamw8bit":
         return PagedAdamW8bit(groups, **adam, min_8bit_size=cfg.min_8bit_size, page_size=cfg.page_size)
-    # adafactor: with relative steps lr must be None (the seeds' example); betas and eps are Adam's, not used
+    # adafactor: with relative steps lr must be None (transformers' documented Adafactor(lr=None, relative_step=True) setting); betas and eps are Adam's, not used
     return Adafactor(groups, lr=None if cfg.adafactor_relative_step else cfg.lr,
                      relative_step=cfg.adafactor_relative_step, scale_parameter=cfg.adafactor_scale_parameter,
                      warmup_init=cfg.adafactor_warmup_init)

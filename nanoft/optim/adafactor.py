@@ -18,7 +18,7 @@ Tensors of one dimension (biases, LayerNorm) keep a full second moment V_t = bet
 Tensors of more dimensions are factored over their last two: state for an n x m matrix is n + m values.
 
 The argument names, defaults and the order of operations follow the Hugging Face transformers implementation
-that the seeds' example uses (`Adafactor(params, lr=None, relative_step=True, ...)`). Note the training loop
+whose documented setting this reproduces (`Adafactor(params, lr=None, relative_step=True, ...)`). Note the training loop
 sets `group["lr"]` every step: with `relative_step=True` that value is ignored, because the step size then
 comes from rho_t above.
 """
