@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
             load_adapter_state_dict(model, resume.model)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
-    model = distributed.place(model, dist, device)  # to the device; fsdp: only this rank's shard of it
+    model = distributed.place(model, dist, device, dtype)  # to the device; fsdp: this rank's shard, gathered in dtype
     optimizer = make_optimizer(cfg, model)  # after place(): with fsdp it must hold the sharded parameters
     if resume and resume.optim is not None:
         distributed.load_optimizer_state(optimizer, resume.optim, dist)
@@ -124,19 +124,19 @@ def main(argv: list[str]) -> None:
     start_step, best_val = 0, checkpoint.best_val_loss(cfg.out_dir) if resume else float("inf")
     if resume:  # the same data row even if the global batch changed (then converted, and printed)
         train_batches.load_state_dict(run_guard.resumed_position(resume, cfg, dist.world_size))
-        checkpoint.set_rng_state(resume.rng)  # dropout masks continue exactly where they stopped
         start_step = resume.step
+    distributed.seed_ranks(dist, cfg.seed, device, resume.rng if resume else None)  # each rank its own dropout masks
 
     def save(step: int, where: str | Path = cfg.out_dir, **extra) -> None:
-        # full weights and optimizer state on rank 0 (with fsdp, every rank joins in gathering its shards)
-        weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist)
+        # full weights, optimizer state and every rank's RNG on rank 0 (every rank joins the gathers)
+        (weights, optim_state), rng = distributed.full_state_dict(raw_model, optimizer, dist), distributed.rng_state(dist, device)
         if not dist.is_master:
             return
         if cfg.finetune in ("lora", "qlora"):  # only the adapter goes to disk, with its r, alpha, targets, base
             weights, extra["adapter"] = adapter_state_dict(raw_model), adapter_config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
-            data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=checkpoint.rng_state()))
+            data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ corrupts the last good one.
 
 On disk, in out_dir:
     ckpt-000500-<sha>.safetensors   model weights ("model.<name>"), optimizer state tensors
-                                    ("optim.<i>.<name>"), RNG states ("rng.<name>")
+                                    ("optim.<i>.<name>"), RNG states ("rng.<name>"; several ranks:
+                                    "rng.rank<r>.<name>", each rank's own)
     ckpt.json                       {"format", "tensors": "ckpt-000500-<sha>.safetensors", "sha256", "step",
                                      "config", "base_from", "data", "optim", "aliases", "extra"}
     .lock                           held by the run that owns out_dir (nanoft.run_guard)
@@ -300,7 +301,14 @@ def load_weights(module: torch.nn.Module, weights: dict[str, Tensor], where: str
     module.load_state_dict(weights, strict=True)
 
 
+# --- RNG: what dropout draws from ---------------------------------------------------------------------
+# A single process saves "torch_cpu" and "torch_cuda_<i>" (every device's generator). Several ranks each draw
+# their own dropout masks (distributed.seed_ranks), so each saves its own under its rank's name:
+# "rank<r>.torch_cpu" and "rank<r>.torch_cuda", its own device's only (the others are other ranks' devices,
+# never advanced in this process).
+
 def rng_state() -> dict[str, Tensor]:
+    """A single process's generators: the CPU's and every CUDA device's."""
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -308,10 +316,56 @@ def rng_state() -> dict[str, Tensor]:
     return state
 
 
+def own_rng_state(device: str) -> dict[str, Tensor]:
+    """One rank's generators: the CPU's and its own device's (CPU tensors, so they pickle to rank 0)."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def per_rank(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Every rank's own_rng_state (in rank order) under its rank's names, for Checkpoint.rng."""
+    return {f"rank{r}.{name}": v for r, state in enumerate(states) for name, v in state.items()}
+
+
+def _by_rank(state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """A checkpoint's RNG states, one dict per process that saved them (a single process's: one)."""
+    ranks: dict[int, dict] = {}
+    for key, v in state.items():
+        if key.startswith("rank"):
+            r, name = key.removeprefix("rank").split(".", 1)
+            ranks.setdefault(int(r), {})[name] = v
+    return [ranks[r] for r in sorted(ranks)] if ranks else [state]
+
+
 def set_rng_state(state: dict[str, Tensor]) -> None:
+    """Restore a single process's generators (rng_state), every device's."""
     torch.set_rng_state(state["torch_cpu"].cpu())
     # by device number: sorted as strings, torch_cuda_10 would come before torch_cuda_2
     names = sorted((k for k in state if k.startswith("torch_cuda_")), key=lambda k: int(k.removeprefix("torch_cuda_")))
     cuda = [state[k].cpu() for k in names]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def set_own_rng_state(state: dict[str, Tensor], rank: int, world_size: int, device: str) -> int:
+    """Continue this process's generators from a checkpoint's; returns how many processes saved them.
+
+    The same count as now: rank r takes saved rank r's (a single process: all of its devices'), and dropout
+    goes on bit-exactly. Another count: rank r takes saved rank r's if there was one (a single process's
+    counts as rank 0, its CUDA state the one of this rank's device number); a rank beyond them keeps what
+    it has (distributed.seed_ranks seeded it apart from the others)."""
+    saved = _by_rank(state)
+    if world_size == 1 and "torch_cpu" in state:
+        set_rng_state(state)
+    elif rank < len(saved):
+        own = saved[rank]
+        torch.set_rng_state(own["torch_cpu"].cpu())
+        if device.startswith("cuda"):
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            cuda = own.get("torch_cuda", own.get(f"torch_cuda_{index}"))
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda.cpu(), device)  # this device's only: no context on the others
+    return len(saved)

@@ -22,9 +22,17 @@ for parameters + gradients + Adam states is about 1/N of the model's, at the cos
 Unlike DDP, the gradients are reduce-scattered on every micro-step of gradient accumulation: skipping it
 would keep a full-size gradient on every rank, which is exactly the memory sharding exists to save.
 
+With bf16 (or fp16) training, FSDP2 keeps the sharded master weights, their gradients and the optimizer
+in float32, all-gathers the parameters in the low precision (half the traffic and the transient memory of
+the unsharded block) and reduce-scatters gradients in float32 (`mixed_precision`).
+
+Dropout: every rank builds the same weights from the same seed, then (`seed_ranks`) reseeds with seed + rank,
+so each draws its own dropout masks on its own rows; with one seed all ranks would drop the same units.
+
 Checkpoints stay one plain file: `full_state_dict` gathers full weights and optimizer state to rank 0,
 which writes the same safetensors checkpoint a single process writes; `load_optimizer_state` cuts a full
 state back into this rank's shards. So a checkpoint moves freely between 1 process, DDP and FSDP.
+`rng_state` gathers every rank's own generators to rank 0, and on resume each rank continues its own.
 
 What must match when resuming: the *global* batch, batch_size * world_size (times grad_accum). The data
 position is counted in global batches, so a 2-rank run with batch_size=4 continues exactly in one process
@@ -40,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from nanoft import checkpoint
 
 # Optimizers that work on sharded parameters. torch.optim.AdamW is element-wise and DTensor-aware: each
 # rank updates its own shard. The others compute over whole tensors, not per element: adamw8bit and
@@ -115,7 +125,18 @@ def device_for(d: Dist, device: str) -> str:
     return f"cuda:{d.local_rank}" if d.enabled and device == "cuda" else device
 
 
-def place(model: nn.Module, d: Dist, device: str) -> nn.Module:
+def mixed_precision(dtype: torch.dtype):
+    """FSDP2's policy for a run in `dtype`: parameters all-gathered in it, gradients reduced in float32 (a
+    sum of N low-precision gradients loses bits), the shards and the optimizer staying float32. None for
+    float32: nothing to cast."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def place(model: nn.Module, d: Dist, device: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Move the model to its device; with fsdp, shard it on the way, so no rank ever holds all of it there.
 
     fully_shard is applied to each block, then to the root (embeddings, final LayerNorm, the tied head):
@@ -127,12 +148,13 @@ def place(model: nn.Module, d: Dist, device: str) -> nn.Module:
     if not d.fsdp:
         return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.split(":")[0], (d.world_size,))
+    policy = mixed_precision(dtype) or MixedPrecisionPolicy()  # the default casts nothing
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -223,6 +245,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, d: Dist)
     optimizer.load_state_dict(state)
     for group, hyper in zip(optimizer.param_groups, own):
         group.update(hyper)
+
+
+def seed_ranks(d: Dist, seed: int, device: str, saved_rng: dict[str, Tensor] | None) -> None:
+    """Each rank its own dropout masks: call after the model is built (every rank the same weights) and
+    before training. A single process keeps its one stream, so its numbers stay what they were. On resume,
+    each rank continues its own saved generators; if the checkpoint was saved by another number of
+    processes, say so (the masks then differ from an uninterrupted run's; so do the batches' splits)."""
+    if d.enabled:
+        torch.manual_seed(seed + d.rank)  # nanoGPT's 1337 + rank; weights are built, data has its own generator
+    if saved_rng is None:
+        return
+    saved = checkpoint.set_own_rng_state(saved_rng, d.rank, d.world_size, device)
+    if saved != d.world_size and d.is_master:
+        kept = min(saved, d.world_size)
+        print(f"resume: RNG states saved by {saved} process(es), resumed by {d.world_size}: "
+              + ("rank 0 continues rank 0's" if kept == 1 else f"ranks 0-{kept - 1} continue theirs")
+              + (", the others start from seed + rank" if d.world_size > saved else "")
+              + "; dropout masks no longer match an uninterrupted run")
+
+
+def rng_state(d: Dist, device: str) -> dict[str, Tensor]:
+    """The RNG states a checkpoint records, on rank 0 ({} elsewhere; every rank must call): a single
+    process's generators, or every rank's own, gathered (`checkpoint.per_rank` names them)."""
+    if not d.enabled:
+        return checkpoint.rng_state()
+    states = [None] * d.world_size if d.is_master else None
+    dist.gather_object(checkpoint.own_rng_state(device), states, dst=0)  # a few KiB per rank
+    return checkpoint.per_rank(states) if d.is_master else {}
 
 
 def barrier(d: Dist) -> None:

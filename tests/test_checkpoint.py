@@ -106,3 +106,48 @@ def test_cuda_rng_states_are_restored_by_device_number(monkeypatch):
     state.update({f"torch_cuda_{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(11)})
     checkpoint.set_rng_state(state)
     assert [int(s[0]) for s in restored] == list(range(11))
+
+
+def _cpu_states(n: int) -> list[dict]:
+    """n different CPU generator states, as n ranks would save them."""
+    states = []
+    for r in range(n):
+        torch.manual_seed(100 + r)
+        states.append({"torch_cpu": torch.get_rng_state()})
+    return states
+
+
+def test_each_rank_continues_its_own_rng_when_the_world_size_is_the_same():
+    saved = checkpoint.per_rank(_cpu_states(2))
+    assert sorted(saved) == ["rank0.torch_cpu", "rank1.torch_cpu"]
+    assert checkpoint.set_own_rng_state(saved, rank=1, world_size=2, device="cpu") == 2
+    assert torch.equal(torch.get_rng_state(), saved["rank1.torch_cpu"])
+
+
+def test_another_world_size_continues_the_ranks_it_has_and_leaves_the_others():
+    saved = checkpoint.per_rank(_cpu_states(2))
+    assert checkpoint.set_own_rng_state(saved, rank=0, world_size=1, device="cpu") == 2  # 2 ranks -> 1 process
+    assert torch.equal(torch.get_rng_state(), saved["rank0.torch_cpu"])
+    single = {"torch_cpu": _cpu_states(1)[0]["torch_cpu"]}
+    torch.manual_seed(7)
+    own = torch.get_rng_state()
+    assert checkpoint.set_own_rng_state(single, rank=1, world_size=2, device="cpu") == 1  # 1 process -> rank 1
+    assert torch.equal(torch.get_rng_state(), own)  # rank 1 keeps its seed + rank stream
+    assert checkpoint.set_own_rng_state(single, rank=0, world_size=2, device="cpu") == 1
+    assert torch.equal(torch.get_rng_state(), single["torch_cpu"])
+
+
+def test_a_rank_restores_only_its_own_cuda_device(monkeypatch):
+    """A rank saved one CUDA state, its own device's; it goes back to this rank's device, no other."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("set every device's state"))
+    states = _cpu_states(2)
+    for r, s in enumerate(states):
+        s["torch_cuda"] = torch.full((4,), 10 + r, dtype=torch.uint8)
+    checkpoint.set_own_rng_state(checkpoint.per_rank(states), rank=1, world_size=2, device="cuda:1")
+    assert restored == [(11, "cuda:1")]
+    single = {"torch_cpu": states[0]["torch_cpu"], **{f"torch_cuda_{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(3)}}
+    restored.clear()
+    checkpoint.set_own_rng_state(single, rank=0, world_size=2, device="cuda:0")  # 1 process -> rank 0 of 2
+    assert restored == [(0, "cuda:0")]

@@ -3,6 +3,7 @@
 Two ranks of batch_size=4 see the rows one process of batch_size=8 sees (nanoft.data.Batches), so their
 per-step losses must agree to floating-point tolerance (the reduction order differs, nothing else), for
 DDP and for the sharded mode (FSDP2), and a checkpoint moves between 1 process, DDP and FSDP.
+With dropout each rank draws its own masks, and a 2-rank run resumed on 2 ranks continues each rank's own.
 The learning rate is constant (warmup 0, min_lr = lr) so that a run stopped at max_iters=3 and resumed
 with max_iters=6 follows the same schedule as a straight run of 6 steps.
 """
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from nanoft import checkpoint, distributed
 from nanoft.config import load_config
@@ -167,3 +171,92 @@ def test_fsdp_refusal_is_one_line_before_any_work(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert r.stderr.startswith("error: fsdp=True supports optimizer=adamw, not adafactor")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# ---- dropout: each rank its own masks, each continued on resume ----
+
+@pytest.fixture(scope="module")
+def dropout_straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dropout")
+    train(out, "--batch_size=4", "--max_iters=6", "--dropout=0.2", nproc=2)
+    return metrics(out)
+
+
+@pytest.fixture(scope="module")
+def dropout_stopped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dropout_stopped")
+    train(out, "--batch_size=4", "--max_iters=3", "--dropout=0.2", nproc=2)
+    return out
+
+
+def test_ddp_with_dropout_resumes_each_ranks_own_rng(dropout_stopped, dropout_straight, tmp_path):
+    rng = checkpoint.load(dropout_stopped).rng
+    assert sorted(rng) == ["rank0.torch_cpu", "rank1.torch_cpu"]  # every rank's own, not rank 0's alone
+    assert not torch.equal(rng["rank0.torch_cpu"], rng["rank1.torch_cpu"])
+    got = resume_copy(dropout_stopped, tmp_path / "ddp", "--batch_size=4", "--dropout=0.2", nproc=2)
+    for step in (4, 5, 6):  # the same arithmetic as the straight run, masks included: equal, not just close
+        assert got[step]["loss"] == dropout_straight[step]["loss"], (step, got[step], dropout_straight[step])
+    assert got[6]["val_loss"] == dropout_straight[6]["val_loss"]
+
+
+def test_ddp_dropout_checkpoint_resumed_in_one_process_says_the_masks_differ(dropout_stopped, tmp_path):
+    shutil.copytree(dropout_stopped, tmp_path / "one")
+    r = train(tmp_path / "one", "--max_iters=4", "--init_from=resume", "--batch_size=8", "--dropout=0.2")
+    lines = [line for line in r.stdout.splitlines() if line.startswith("resume: RNG states")]
+    assert lines == ["resume: RNG states saved by 2 process(es), resumed by 1: rank 0 continues rank 0's; "
+                     "dropout masks no longer match an uninterrupted run"]
+    assert checkpoint.load(tmp_path / "one").rng.keys() == {"torch_cpu"}  # one process again: its own names
+
+
+def _two_ranks(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo ranks: build a GPT as train.py does, shard it with a bf16 policy, reseed per rank,
+    and write (rank 0) what every rank saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    d = distributed.Dist(rank, rank, 2, fsdp=True)
+    torch.manual_seed(0)
+    cfg = load_config("configs/tiny.py", SMALL + ["--dropout=0.5"])
+    model = GPT(cfg)
+    init = model.blocks[0].mlp.fc_in.weight.sum().item()
+    model = distributed.place(model, d, "cpu", torch.bfloat16)
+    seen = []  # the dtype of a block's weight while the block runs (all-gathered) and of its shard
+    model.blocks[0].mlp.register_forward_pre_hook(lambda m, _: seen.append(str(m.fc_in.weight.dtype)))
+    distributed.seed_ranks(d, cfg.seed, "cpu", None)
+    mask = (F.dropout(torch.ones(256), 0.5) != 0).tolist()
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    model(x, x)[1].backward()
+    shard = model.blocks[0].mlp.fc_in.weight
+    report = {"init": init, "mask": mask, "in_forward": seen[0], "shard": str(shard.dtype), "grad": str(shard.grad.dtype)}
+    reports = [None, None]
+    dist.all_gather_object(reports, report)
+    if rank == 0:
+        Path(out).write_text(json.dumps(reports))
+    dist.destroy_process_group()
+
+
+def test_ranks_share_initial_weights_but_not_dropout_masks_and_fsdp_gathers_bf16(tmp_path):
+    out = tmp_path / "reports.json"
+    mp.spawn(_two_ranks, args=(free_port(), str(out)), nprocs=2)
+    r0, r1 = json.loads(out.read_text())
+    assert r0["init"] == r1["init"]  # fully_shard does not broadcast: the weights must be built alike
+    assert r0["mask"] != r1["mask"]  # seed + rank: each rank drops its own units
+    for r in (r0, r1):  # gathered in bf16; the shards, their gradients (reduced in fp32) and Adam stay fp32
+        assert (r["in_forward"], r["shard"], r["grad"]) == ("torch.bfloat16", "torch.float32", "torch.float32")
+
+
+def test_mixed_precision_policy_only_for_low_precision():
+    assert distributed.mixed_precision(torch.float32) is None
+    for dtype in (torch.bfloat16, torch.float16):
+        policy = distributed.mixed_precision(dtype)
+        assert (policy.param_dtype, policy.reduce_dtype) == (dtype, torch.float32)
+
+
+def test_fsdp_trains_in_bf16_close_to_float32(one_process, tmp_path):
+    train(tmp_path, "--batch_size=4", "--max_iters=3", "--fsdp=True", "--dtype=bfloat16", nproc=2)
+    got = metrics(tmp_path)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "val_loss"):
+            if key in one_process[step]:
+                # observed ~3e-4 on losses of ~10.8: bf16 weights in the matmuls, fp32 everywhere else
+                assert abs(got[step][key] - one_process[step][key]) < 0.01, (step, key, got[step], one_process[step])
