@@ -43,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,21 @@ def check_device(device: str) -> None:
         raise ValueError("device=mps but MPS is not available here; use --device=cpu (or auto)")
 
 
+def exit_with_launcher() -> None:
+    """A worker ends when its launcher does. torchrun starts the workers as its children; killed itself
+    (kill -9, a lost SSH session), it cannot stop them, and they would train on and write checkpoints with no
+    one watching. Linux's prctl(PR_SET_PDEATHSIG) has the kernel send this process SIGTERM when its parent
+    dies. The write protocol (nanoft.checkpoint) makes dying mid-save safe. Elsewhere there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the call took effect: no signal will come
+        sys.exit("error: the launcher (torchrun) exited before this worker started")
+
+
 def setup(device: str, cfg) -> Dist:
     """Join the process group torchrun describes: NCCL for CUDA, gloo for CPU.
 
@@ -112,6 +129,7 @@ def setup(device: str, cfg) -> Dist:
     check_device(device)
     if "RANK" not in os.environ:
         return Dist()  # a single process: fsdp=True changes nothing (one shard is the whole model)
+    exit_with_launcher()
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     d = Dist(rank, local_rank, world_size, fsdp=cfg.fsdp and world_size > 1)
     if device.startswith("cuda"):

@@ -260,3 +260,37 @@ def test_fsdp_trains_in_bf16_close_to_float32(one_process, tmp_path):
             if key in one_process[step]:
                 # observed ~3e-4 on losses of ~10.8: bf16 weights in the matmuls, fp32 everywhere else
                 assert abs(got[step][key] - one_process[step][key]) < 0.01, (step, key, got[step], one_process[step])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    """kill -9 of torchrun itself: its two workers (a long run) must end too, not train on unwatched."""
+    import signal
+    import time
+
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "train.py", "configs/tiny.py", f"--out_dir={tmp_path / 'run'}", *SMALL,
+            "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1"]
+    launcher = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):  # both ranks train
+            assert time.time() < deadline and launcher.poll() is None, "the run did not start"
+            time.sleep(0.2)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                 text=True).stdout.split()]
+        assert len(workers) == 2
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 30
+        alive = workers
+        while alive and time.time() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in workers if Path(f"/proc/{p}").exists() and
+                     Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        assert not alive, f"workers {alive} still run after their launcher was killed"
+    finally:
+        for p in subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split():
+            os.kill(int(p), signal.SIGKILL)
