@@ -32,25 +32,8 @@ from nanoft.lr import warmup_cosine
 from nanoft.memory import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
+from nanoft.precision import pick_device, pick_dtype
 from nanoft.sft import SFTBatches, load_sft_splits, task_report
-
-
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if not device.startswith("cuda"):
-        return torch.float32
-    # bf16 where the GPU has it natively (Ampere and newer) and needs no loss scaling; else fp16 with the
-    # GradScaler below (T4, V100: bf16 there is emulated, slower than fp32)
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanoft.config import LORA_TARGETS, Config
+from nanoft.precision import pick_device, pick_dtype
 
 # the linear layers of one GPT block, by the attribute path inside the block
 BLOCK_LINEARS = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj",
@@ -165,12 +166,9 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
-    """QLoRA's compute dtype: cfg.dtype if set, else bfloat16 when the run will be on CUDA, else float32
-    (the same rule as the config's "auto"; CPUs run bf16 matmuls slowly, and tests want exact fp32)."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    """The run's compute dtype, by nanoft.precision's rule (bf16 on a CUDA GPU that has it, else fp16 there,
+    float32 elsewhere): the dtype the frozen base is stored in and the NF4 weights dequantize to."""
+    return pick_dtype(cfg.dtype, pick_device(cfg.device))
 
 
 def apply_lora(model: nn.Module, cfg: Config, device: str | torch.device | None = None,
