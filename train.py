@@ -29,7 +29,7 @@ from nanoft.data import Batches, ensure_dataset, get_tokenizer
 from nanoft.flops import flops_per_token, peak_flops
 from nanoft.lora import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.lr import warmup_cosine
-from nanoft.memory import measured_breakdown
+from nanoft.memory_measure import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
 from nanoft.precision import pick_device, pick_dtype
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             completed = done = step + 1
             if done == start_step + 1 and dist.is_master and not dist.fsdp:  # once: now the optimizer states exist
-                bar.write(measured_breakdown(raw_model, optimizer, cfg))
+                bar.write(measured_breakdown(raw_model, optimizer))
             last = done == cfg.max_iters
             if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point

@@ -23,7 +23,7 @@ reports what was really there:
                   own memory. The process's RSS (ru_maxrss) would include those, and never comes down, so it
                   is shown only as an aside. tracemalloc does not see torch's allocations at all.
 
-train.py calls measured_breakdown(model, optimizer, cfg) once, after its first optimizer step.
+Parameters, gradients and states are counted by nanoft.memory_measure, which train.py prints after its first step.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from torch import nn
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
 from nanoft.lora import apply_lora
 from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes)
+from nanoft.memory_measure import _nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
 from nanoft.optim import make_optimizer
 
@@ -47,101 +48,6 @@ MODES = ("full", "lora", "qlora")
 # flags of this command that are not Config keys; every other --key=value must be a Config key
 SHAPE_FLAGS = {"shape": str, "params": float, "arch": str, "intermediate": int, "n_kv_head": int}
 OWN_FLAGS = {"measure": bool, "steps": int, **SHAPE_FLAGS}
-
-
-def fmt(n: float) -> str:
-    """Bytes in binary units: 512.0 KiB, 392.2 MiB, 2.48 GiB."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit in ("GiB", "TiB") else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-# --- exact bytes of what exists ------------------------------------------------------------------------
-
-def _storage_bytes(tensors, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct storages behind `tensors`: a view or a tied weight counts once."""
-    seen = set() if seen is None else seen
-    total = 0
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer):
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, dict):
-            for x in v.values():
-                yield from walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                yield from walk(x)
-    for state in optimizer.state.values():
-        yield from walk(state)
-
-
-def _nf4_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors inside QLoRA's NF4 weights (nanoft.quant.NF4Tensor is neither a Parameter nor a buffer)."""
-    out = []
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "state", None)
-        if state is not None and hasattr(state, "packed"):
-            out += [state.packed, state.absmax, state.offset, state.nested_absmax]
-    return [t for t in out if t is not None]
-
-
-def _is_paged(optimizer: torch.optim.Optimizer) -> bool:
-    return "Paged" in type(optimizer).__name__
-
-
-def exact_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """{'params', 'grads', 'states', 'states_host'}: distinct storages of parameters and buffers (a QLoRA model's
-    NF4 codes and scales included), of .grad, and of optimizer.state. A paged optimizer's states live in host
-    memory: on a CUDA run that is every state tensor on the CPU; on a CPU run host and device are one memory,
-    so its states are reported as host (what they would be on a GPU) and counted once in the total."""
-    params = _storage_bytes(list(model.parameters()) + list(model.buffers()) + _nf4_tensors(model))
-    grads = _storage_bytes(p.grad for p in model.parameters())
-    states = list(_state_tensors(optimizer)) if optimizer is not None else []
-    if optimizer is not None and _is_paged(optimizer):
-        host = [t for t in states if t.device.type == "cpu"]
-        device = [t for t in states if t.device.type != "cpu"]
-    else:
-        host, device = [], states
-    return {"params": params, "grads": grads, "states": _storage_bytes(device), "states_host": _storage_bytes(host)}
-
-
-def measured_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config | None = None) -> str:
-    """One block of text for train.py to print once, after its first optimizer step (so states exist): the
-    measured bytes of parameters, gradients (freed by zero_grad: then the bytes backward allocates, one per
-    trainable parameter) and optimizer states, the CUDA peak so far, and with cfg the estimate beside them."""
-    got = exact_bytes(model, optimizer)
-    if got["grads"] == 0:  # zero_grad(set_to_none) freed them; backward re-creates exactly these
-        got["grads"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    est = {}
-    if cfg is not None:
-        try:
-            est = peak_bytes(ModelShape.from_config(cfg), Run.from_config(cfg, torch.cuda.is_available()))
-        except ValueError:
-            pass  # no estimate for this run: the measured column alone
-    lines = [f"{'memory':<20} {'measured':>12} {'estimate' if est else '':>12}"]
-    for key, label in (("params", "parameters"), ("grads", "gradients"), ("states", "optimizer states"),
-                       ("states_host", "  in host memory")):
-        if key == "states_host" and not got[key] and not est.get(key):
-            continue
-        lines.append(f"  {label:<18} {fmt(got[key]):>12} {fmt(est[key]) if est else '':>12}")
-    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
-        lines.append(f"  {'peak so far':<18} {fmt(torch.cuda.max_memory_allocated()):>12} "
-                     f"{fmt(est['total']) if est else '':>12}")
-    elif est:
-        lines.append(f"  {'peak (estimate)':<18} {'':>12} {fmt(est['total']):>12}   measure: python -m nanoft.memory CONFIG --measure")
-    return "\n".join(lines)
 
 
 # --- measuring a real run ------------------------------------------------------------------------------
