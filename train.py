@@ -164,7 +164,8 @@ def main(argv: list[str]) -> None:
             if done == start_step + 1 and dist.is_master and not dist.fsdp:  # once: now the optimizer states exist
                 bar.write(measured_breakdown(raw_model, optimizer))
             last = done == cfg.max_iters
-            if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
+            log_now = done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0
+            if log_now:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point
                 steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
                 record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
@@ -190,7 +191,7 @@ def main(argv: list[str]) -> None:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
             if done % cfg.save_interval == 0 or last:
                 save(done)
-            if done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0:
+            if log_now:
                 t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
     except KeyboardInterrupt:
         if completed == step:  # interrupted mid-step: its batches are drawn again on resume

@@ -127,22 +127,18 @@ def _against_bitsandbytes(shape, gen) -> list:
 
 
 def _time(fn, reps: int = 50) -> float:
-    """Median seconds of fn(): CUDA events around each call on a GPU, the wall clock on a CPU."""
-    for _ in range(3):
-        fn()
+    """Median seconds of fn(): on a GPU Triton's do_bench (CUDA events, L2 flushed between runs, as
+    bench/bench_nf4.py times), on a CPU the wall clock."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    fn()  # warm-up
     times = []
     for _ in range(reps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -77,7 +77,3 @@ def _measure_matmul(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 
         (a @ b).sum().item()  # .item(): the product has been computed when the clock stops
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-def mfu(tokens_per_s: float, per_token: float, peak: float) -> float:
-    return tokens_per_s * per_token / peak

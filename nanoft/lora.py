@@ -321,7 +321,6 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     was trained with (adding it to the original float base would differ by the quantization error)."""
     from nanoft import checkpoint
     from nanoft.model import load_pretrained
-
     from nanoft.run_guard import check_adapter_base, check_output_dir, lock_dir
 
     ck = checkpoint.load(adapter_dir)

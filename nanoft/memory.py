@@ -39,7 +39,7 @@ from torch import nn
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
 from nanoft.lora import apply_lora
 from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes)
-from nanoft.memory_measure import _nf4_tensors, exact_bytes, fmt
+from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
 from nanoft.optim import make_optimizer
 
@@ -100,7 +100,7 @@ def saved_activation_bytes(model: nn.Module, run: Run, gen: torch.Generator) -> 
     parameters), summed by a saved_tensors_hooks pack hook. With gradient checkpointing the forward saves only
     block inputs; what one block's recompute saves is then measured by running the forward once more without
     checkpointing and taking the largest block (its input excluded: checkpointing already keeps it)."""
-    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + _nf4_tensors(model)}
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + nf4_tensors(model)}
 
     def forward_saved() -> tuple[int, list[int]]:
         seen: dict[int, int] = {}

@@ -45,7 +45,7 @@ def _state_tensors(optimizer: torch.optim.Optimizer):
         yield from walk(state)
 
 
-def _nf4_tensors(model: nn.Module) -> list[torch.Tensor]:
+def nf4_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The tensors inside QLoRA's NF4 weights (nanoft.quant.NF4Tensor is neither a Parameter nor a buffer)."""
     out = []
     for m in model.modules():
@@ -64,7 +64,7 @@ def exact_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> di
     NF4 codes and scales included), of .grad, and of optimizer.state. A paged optimizer's states live in host
     memory: on a CUDA run that is every state tensor on the CPU; on a CPU run host and device are one memory,
     so its states are reported as host (what they would be on a GPU) and counted once in the total."""
-    params = _storage_bytes(list(model.parameters()) + list(model.buffers()) + _nf4_tensors(model))
+    params = _storage_bytes(list(model.parameters()) + list(model.buffers()) + nf4_tensors(model))
     grads = _storage_bytes(p.grad for p in model.parameters())
     states = list(_state_tensors(optimizer)) if optimizer is not None else []
     if optimizer is not None and _is_paged(optimizer):
