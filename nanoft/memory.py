@@ -38,7 +38,8 @@ from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
 from nanoft.lora import apply_lora
-from nanoft.memory_estimate import (GB, PRESETS, ModelShape, Run, activation_bytes, peak_bytes)
+from nanoft.memory_estimate import Run, peak_bytes
+from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
 from nanoft.optim import make_optimizer
