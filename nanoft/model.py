@@ -102,9 +102,9 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets, the mean cross-entropy over the
-        positions where loss_mask is 1 (all positions when it is None; -1 targets are ignored too)."""
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """idx (B, T) token ids -> the final LayerNorm's output (B, T, n_embd), before the head: what DPO,
+        the reward model and distillation turn into their own losses (see nanoft/logprobs.py)."""
         B, T = idx.shape
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
@@ -116,7 +116,12 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.ln_f(x)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, the mean cross-entropy over the
+        positions where loss_mask is 1 (all positions when it is None; -1 targets are ignored too)."""
+        x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
         logits = self.lm_head(x)  # (B, T, vocab)
