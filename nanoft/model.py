@@ -30,6 +30,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.prefix = None  # prefix tuning (nanoft.prefix) sets it: a callable giving this layer's (P, C) keys, values
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -37,8 +38,14 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        mask = None
+        if self.prefix is not None:  # P trained keys/values before the sequence: every query sees all of them
+            pk, pv = (t.to(k.dtype).view(1, -1, self.n_head, hs).transpose(1, 2).expand(B, -1, -1, -1) for t in self.prefix())
+            k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)  # (B, nh, P + T, hs)
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)  # (T, P + T)
         # flash / memory-efficient attention where the device has it; is_causal masks the future
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.out_proj(y))
 
@@ -165,6 +172,8 @@ def load_pretrained(cfg: Config, source: str) -> GPT:
     ckpt = checkpoint.load(source)
     if ckpt.config.get("finetune") in ("lora", "qlora"):
         raise ValueError(f"{source} holds a LoRA adapter, not a full model: merge it first (python -m nanoft.lora merge)")
+    if ckpt.config.get("finetune") in ("prefix", "adapter"):  # these cannot be merged: sample.py applies them
+        raise ValueError(f"{source} holds {ckpt.config['finetune']} weights for a base, not a full model")
     checkpoint.check_compatible(ckpt.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
     weights = dict(ckpt.model)
     weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
