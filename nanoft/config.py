@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 # keys whose value must be one of a fixed set; checked on every Config construction
 CHOICES = {
     "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),
-    "finetune": ("none", "full", "lora", "qlora"),
+    "finetune": ("none", "full", "lora", "qlora", "prefix", "adapter"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -80,7 +80,7 @@ class Config:
     adafactor_scale_parameter: bool = False  # scale the step by the parameter's RMS: meant for relative_step (with the schedule's lr it shrinks steps ~50x)
     adafactor_warmup_init: bool = False  # Adafactor's relative step warms up from 1e-6 (needs relative_step)
     # --- fine-tuning ---
-    finetune: str = "none"  # none (pretraining) | full | lora | qlora
+    finetune: str = "none"  # none (pretraining) | full | lora | qlora | prefix | adapter
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B @ A
     lora_dropout: float = 0.05  # dropout on the LoRA path's input
@@ -88,6 +88,9 @@ class Config:
     lora_train_norms: bool = False  # LoRA/QLoRA: the LayerNorms' gains and biases train too (2*n_embd each)
     nf4_blocksize: int = 64  # QLoRA: elements per NF4 quantization block
     double_quant: bool = True  # QLoRA: quantize the per-block absmax values to 8 bits too
+    prefix_len: int = 10  # prefix tuning: trained key/value positions before the sequence, in every layer
+    prefix_hidden: int = 512  # prefix tuning: hidden width of the MLP that produces the prefixes while training
+    adapter_size: int = 64  # adapters: bottleneck width m of each adapter (2*m*n_embd + m + n_embd numbers)
     sft_data: str = ""  # fine-tuning data: JSONL of {"prompt","response"}; empty uses the embedded speaker task
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
     # --- system ---
@@ -116,7 +119,8 @@ class Config:
         """Every number in range, so a typo fails here in one line rather than as NaN or a crash mid-run."""
         for key in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "log_interval",
                     "eval_interval", "save_interval", "n_layer", "n_head", "n_embd", "vocab_size", "lora_r",
-                    "max_bad_steps", "dist_timeout", "min_8bit_size", "page_size", "nf4_blocksize"):
+                    "max_bad_steps", "dist_timeout", "min_8bit_size", "page_size", "nf4_blocksize",
+                    "prefix_len", "prefix_hidden", "adapter_size"):
             _check(key, getattr(self, key) >= 1, getattr(self, key), "at least 1")
         _check("lr", math.isfinite(self.lr) and self.lr > 0, self.lr, "a finite number > 0")
         _check("min_lr", 0 <= self.min_lr <= self.lr, self.min_lr, f"between 0 and lr ({self.lr})")
