@@ -38,24 +38,10 @@ import torch
 from ._triton import tl, triton, use_triton
 from torch import Tensor
 
-from .blockwise8 import (LUT_SIZE, _lut_for, dequantize_blockwise8, dynamic_map, quantize_blockwise8,
-                         store_rounded)
+from .blockwise8 import (LUT_SIZE, dequantize_blockwise8, dynamic_map_on, quantize_block, quantize_blockwise8,
+                         quantize_lut, store_rounded)
 
 BLOCKSIZE = 256  # values per quantization block, as bitsandbytes' blockwise optimizers
-
-
-@triton.jit
-def _quantize_block(x, mask, lut_ptr, LUT_STEPS: tl.constexpr):
-    """One block of float32 values -> (uint8 codes, absmax): blockwise8's quantize, in registers."""
-    x = tl.where(mask, x, 0.0)  # padding lanes must not raise the absmax
-    absmax = tl.max(tl.abs(x), axis=0)
-    safe = tl.where(absmax == 0.0, 1.0, absmax)
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), safe)
-    v = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    j = (((v + 1.0) * 0.5) * LUT_STEPS + 0.5).to(tl.int32)  # truncation, as bitsandbytes' C cast
-    q = tl.load(lut_ptr + j, mask=mask, other=0)
-    q = tl.where(absmax == 0.0, 0, q)
-    return q.to(tl.uint8), absmax
 
 
 @triton.jit
@@ -100,23 +86,17 @@ def _adamw8bit_kernel(
     p = p + tl.math.div_rn(step_size * m, denom)  # p.addcdiv_(m, denom, value=step_size)
     store_rounded(p_ptr + offs, p, mask, P_BF16)
 
-    m_q, m_absmax = _quantize_block(m, mask, lut1_ptr, LUT_STEPS)
-    v_q, v_absmax = _quantize_block(v, mask, lut2_ptr, LUT_STEPS)
+    m_q, m_absmax = quantize_block(m, mask, lut1_ptr, LUT_STEPS)
+    v_q, v_absmax = quantize_block(v, mask, lut2_ptr, LUT_STEPS)
     tl.store(m_codes_ptr + offs, m_q, mask=mask)
     tl.store(v_codes_ptr + offs, v_q, mask=mask)
     tl.store(m_absmax_ptr + pid, m_absmax)
     tl.store(v_absmax_ptr + pid, v_absmax)
 
 
-_MAPS: dict = {}  # device -> (signed map, unsigned map)
-
-
 def dynamic_maps(device: torch.device) -> tuple[Tensor, Tensor]:
-    """(signed, unsigned) dynamic maps on `device`, made once: the first and second moments' code tables."""
-    key = str(device)
-    if key not in _MAPS:
-        _MAPS[key] = (dynamic_map(True).to(device), dynamic_map(False).to(device))
-    return _MAPS[key]
+    """(signed, unsigned) dynamic maps on `device`: the first and second moments' code tables."""
+    return dynamic_map_on(device, signed=True), dynamic_map_on(device, signed=False)
 
 
 def _scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> dict:
@@ -167,7 +147,7 @@ def adamw8bit_update_(
     code1, code2 = dynamic_maps(p.device)
     s = _scalars(step, lr, beta1, beta2, eps, weight_decay)
     _adamw8bit_kernel[(triton.cdiv(n, BLOCKSIZE),)](
-        p, g, m_codes, m_absmax, v_codes, v_absmax, code1, code2, _lut_for(code1), _lut_for(code2), n,
+        p, g, m_codes, m_absmax, v_codes, v_absmax, code1, code2, quantize_lut(code1), quantize_lut(code2), n,
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, s["correction2"], eps,
         s["decay"] if weight_decay > 0.0 else 1.0, -lr / s["correction1"],
         BLOCKSIZE=BLOCKSIZE, LUT_STEPS=float(LUT_SIZE - 1), P_BF16=p.dtype == torch.bfloat16,

@@ -7,8 +7,11 @@ short). Each block keeps one float32 scale, its absolute maximum, and each eleme
 index of a code in a sorted 256-entry table `code` (values in [-1, 1]):
 
     absmax[b] = max_i |x[i]|                          over the elements i of block b
-    codes[i]  = nearest code index to x[i] / absmax[b]
+    codes[i]  = argmin_k |code[k] - x[i] / absmax[b]|   the nearest code value after dividing by the absmax
     x_hat[i]  = code[codes[i]] * absmax[b]             (float32, then cast to the output dtype)
+
+That is the whole rule. The next section says how bitsandbytes computes "nearest" (a lookup grid that agrees
+with the argmin except within ~1.5e-5 of a midpoint between two codes), which is what we match bit for bit.
 
 The default table is the signed dynamic map ("8-bit Approximations for Parallelism in Deep Learning",
 Dettmers 2015, arXiv:1511.04561): one sign bit, a run of zero bits whose length is a decimal exponent
@@ -63,9 +66,24 @@ def store_rounded(ptr, value, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def quantize_block(x, mask, lut_ptr, LUT_STEPS: tl.constexpr):
+    """One block of float32 values in registers -> (uint8 codes, absmax): the grid rule of the module docstring.
+    Shared by the quantize kernel below and the fused AdamW8bit update (adamw8bit.py)."""
+    x = tl.where(mask, x, 0.0)  # padding lanes must not raise the absmax
+    absmax = tl.max(tl.abs(x), axis=0)
+    safe = tl.where(absmax == 0.0, 1.0, absmax)  # an all-zero block must not make 0 * inf = NaN indices
+    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), safe)  # IEEE division: plain `/` is approximate on GPU
+    v = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
+    j = (((v + 1.0) * 0.5) * LUT_STEPS + 0.5).to(tl.int32)  # truncation, as the C cast; launched with fp fusion off
+    q = tl.load(lut_ptr + j, mask=mask, other=0)
+    q = tl.where(absmax == 0.0, 0, q)
+    return q.to(tl.uint8), absmax
+
+
+@triton.jit
 def _quantize_blockwise8_kernel(
     x_ptr,  # *fp32/fp16/bf16, [n] flat contiguous input
-    lut_ptr,  # *uint8, [LUT_SIZE] grid point -> code index (see _quantize_lut)
+    lut_ptr,  # *uint8, [LUT_SIZE] grid point -> code index (see quantize_lut)
     codes_ptr,  # *uint8, [n] output code indices
     absmax_ptr,  # *fp32, [num_blocks] output per-block absolute maximum
     n,  # number of elements in x
@@ -75,15 +93,9 @@ def _quantize_blockwise8_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)  # int64: n may exceed 2**31
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # padding zeros never raise the max
-    absmax = tl.max(tl.abs(x), axis=0)
-    safe = tl.where(absmax == 0.0, 1.0, absmax)  # an all-zero block must not make 0 * inf = NaN indices
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), safe)  # IEEE division: plain `/` is approximate on GPU
-    v = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    j = (((v + 1.0) * 0.5) * LUT_STEPS + 0.5).to(tl.int32)  # launched with fp fusion off: no FMA here
-    q = tl.load(lut_ptr + j, mask=mask, other=0)
-    q = tl.where(absmax == 0.0, 0, q)
-    tl.store(codes_ptr + offs, q.to(tl.uint8), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, absmax = quantize_block(x, mask, lut_ptr, LUT_STEPS)
+    tl.store(codes_ptr + offs, q, mask=mask)
     tl.store(absmax_ptr + pid, absmax)
 
 
@@ -128,7 +140,7 @@ def dynamic_map(signed: bool = True) -> Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _quantize_lut(code: Tensor) -> Tensor:
+def _build_lut(code: Tensor) -> Tensor:
     """[LUT_SIZE] uint8: grid point k (value -1 + 2k/65535, in float32) -> index of the nearest code."""
     midpoints = 0.5 * (code[:-1] + code[1:])  # [255]
     k = torch.arange(LUT_SIZE, device=code.device, dtype=torch.float32)
@@ -136,23 +148,25 @@ def _quantize_lut(code: Tensor) -> Tensor:
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)  # = #{midpoints < grid}
 
 
-_DEFAULT_CODES: dict = {}  # (signed, device) -> dynamic map on that device
+_MAPS: dict = {}  # (signed, device) -> dynamic map on that device
 _LUTS: dict = {}  # (device, data_ptr, version) -> (code, lut); holding `code` keeps its memory from reuse
 
 
-def _default_code(device: torch.device) -> Tensor:
-    key = (True, str(device))
-    if key not in _DEFAULT_CODES:
-        _DEFAULT_CODES[key] = dynamic_map(True).to(device)
-    return _DEFAULT_CODES[key]
+def dynamic_map_on(device: torch.device | str, signed: bool = True) -> Tensor:
+    """dynamic_map(signed) on `device`, made once per device and shared (never modify it)."""
+    key = (signed, str(device))
+    if key not in _MAPS:
+        _MAPS[key] = dynamic_map(signed).to(device)
+    return _MAPS[key]
 
 
-def _lut_for(code: Tensor) -> Tensor:
+def quantize_lut(code: Tensor) -> Tensor:
+    """The lookup table of `code` (see the module docstring), built once per table and device."""
     key = (str(code.device), code.data_ptr(), code._version)
     if key not in _LUTS:
         if len(_LUTS) >= 16:  # a handful of tables is all anyone uses; forget the oldest
             _LUTS.pop(next(iter(_LUTS)))
-        _LUTS[key] = (code, _quantize_lut(code))
+        _LUTS[key] = (code, _build_lut(code))
     return _LUTS[key][1]
 
 
@@ -160,14 +174,14 @@ def _lut_for(code: Tensor) -> Tensor:
 # Wrappers
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
     if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
 
 
 def _check_code(code: Tensor | None, device: torch.device) -> Tensor:
     if code is None:
-        return _default_code(device)
+        return dynamic_map_on(device)
     if code.dtype != torch.float32 or code.shape != (256,):
         raise ValueError(f"code must be a float32 tensor of shape [256], got {code.dtype} {tuple(code.shape)}")
     if code.device != device:
@@ -181,7 +195,7 @@ def quantize_blockwise8(
     """Quantize x to (codes uint8 with x's shape, absmax float32 [ceil(numel / blocksize)])."""
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     code = _check_code(code, x.device)
     x = x.detach()
     if not use_triton(backend, x.device):
@@ -193,7 +207,7 @@ def quantize_blockwise8(
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
     if n > 0:
         _quantize_blockwise8_kernel[(num_blocks,)](
-            flat, _lut_for(code), codes, absmax, n,
+            flat, quantize_lut(code), codes, absmax, n,
             BLOCKSIZE=blocksize, LUT_STEPS=float(LUT_SIZE - 1), enable_fp_fusion=False,
         )
     return codes.view(x.shape), absmax
@@ -212,7 +226,7 @@ def dequantize_blockwise8(
         raise ValueError(f"codes must be uint8, got {codes.dtype}")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     n = codes.numel()
     if absmax.dtype != torch.float32 or absmax.numel() != triton.cdiv(n, blocksize):
         raise ValueError(
@@ -247,12 +261,15 @@ def padded_blocks(x: Tensor, blocksize: int) -> tuple[Tensor, int]:
 
 
 def quantize_blockwise8_reference(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """Each element's code is the nearest code value to x / absmax of its block. "Nearest" is taken the way
+    bitsandbytes' CPU kernel takes it (module docstring): x * (1 / absmax), snapped to the 65,536-point grid,
+    read from the lookup table. tests/test_blockwise8.py checks this against the plain argmin over the codes."""
     blocks, n = padded_blocks(x, blocksize)  # (num_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
     inv = 1.0 / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     j = (((v + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, as the C cast does
-    q = _lut_for(code)[j]
+    q = quantize_lut(code)[j]
     q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)
     return q.reshape(-1)[:n].view(x.shape), absmax
 

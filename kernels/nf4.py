@@ -44,10 +44,10 @@ from torch import Tensor
 
 from .blockwise8 import (
     FLOAT_DTYPES,
-    _check_blocksize,
-    _default_code,
+    check_blocksize,
     dequantize_blockwise8,
     dequantize_blockwise8_reference,
+    dynamic_map_on,
     padded_blocks,
     quantize_blockwise8,
     store_rounded,
@@ -215,7 +215,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     """Quantize a float32/float16/bfloat16 tensor of any shape to NF4 (see the module docstring)."""
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
     x = x.detach()  # weights are quantized, never differentiated through
@@ -244,7 +244,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
         # num_blocks floats per weight, once, when the model is quantized.
         offset = absmax.cpu().mean().to(absmax.device)
         qabsmax, nested_absmax = quantize_blockwise8(
-            absmax - offset, _default_code(x.device), NESTED_BLOCKSIZE, backend=backend
+            absmax - offset, dynamic_map_on(x.device), NESTED_BLOCKSIZE, backend=backend
         )
         state = replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax)
     return state
@@ -253,7 +253,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
 def _check_state(q: NF4State) -> None:
     if not isinstance(q, NF4State):
         raise ValueError(f"expected an NF4State, got {type(q).__name__}")
-    _check_blocksize(q.blocksize)
+    check_blocksize(q.blocksize)
     n, num_blocks = q.numel, triton.cdiv(q.numel, q.blocksize)
     if q.packed.dtype != torch.uint8 or q.packed.numel() != triton.cdiv(n, 2):
         raise ValueError(f"packed must be uint8 with {triton.cdiv(n, 2)} bytes for shape {tuple(q.shape)}, "
@@ -283,7 +283,7 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
     _dequantize_nf4_kernel[(triton.cdiv(q.packed.numel(), DEQUANT_BYTES),)](
         q.packed, q.absmax,
         q.nested_absmax if q.double_quant else dummy,
-        _default_code(q.device) if q.double_quant else dummy,
+        dynamic_map_on(q.device) if q.double_quant else dummy,
         q.offset.reshape(1).float() if q.double_quant else dummy,
         pairs, out, n, q.packed.numel(),
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, BYTES=DEQUANT_BYTES,
@@ -296,7 +296,7 @@ def absmax_float(q: NF4State, backend: str = "auto") -> Tensor:
     """The float32 per-block absmax (undoing double quantization if any)."""
     if not q.double_quant:
         return q.absmax
-    scaled = dequantize_blockwise8(q.absmax, q.nested_absmax, _default_code(q.device), NESTED_BLOCKSIZE,
+    scaled = dequantize_blockwise8(q.absmax, q.nested_absmax, dynamic_map_on(q.device), NESTED_BLOCKSIZE,
                                    backend=backend)
     return scaled + q.offset
 
@@ -325,7 +325,7 @@ def dequantize_nf4_reference(q: NF4State, dtype: torch.dtype, nf4: Tensor) -> Te
     absmax = q.absmax
     if q.double_quant:
         absmax = dequantize_blockwise8_reference(
-            q.absmax, q.nested_absmax, _default_code(q.device), NESTED_BLOCKSIZE, torch.float32
+            q.absmax, q.nested_absmax, dynamic_map_on(q.device), NESTED_BLOCKSIZE, torch.float32
         ) + q.offset
     byte = torch.arange(256, device=q.device)
     pairs = torch.stack([nf4[byte >> 4], nf4[byte & 0xF]], dim=1)  # (256, 2): a byte's two values, high first

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 # keys whose value must be one of a fixed set; checked on every Config construction
 CHOICES = {
-    "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),
+    "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),  # = nanoft.optim.OPTIMIZERS
     "finetune": ("none", "full", "lora", "qlora", "prefix", "adapter"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),

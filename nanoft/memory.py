@@ -36,15 +36,14 @@ import sys
 import torch
 from torch import nn
 
+from nanoft.adapters import apply_lora
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
-from nanoft.lora import apply_lora
 from nanoft.memory_estimate import Run, peak_bytes
 from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
-from nanoft.optim import make_optimizer
+from nanoft.optim import OPTIMIZERS, make_optimizer
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor")
 MODES = ("full", "lora", "qlora")
 # flags of this command that are not Config keys; every other --key=value must be a Config key
 SHAPE_FLAGS = {"shape": str, "params": float, "arch": str, "intermediate": int, "n_kv_head": int}

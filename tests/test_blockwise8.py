@@ -79,6 +79,21 @@ def test_unsigned_map_and_default_code(backend):
     assert torch.equal(q, q_ref) and same_bits(absmax, absmax_ref)
 
 
+def test_grid_rule_is_the_nearest_code_but_within_a_grid_step_of_a_midpoint():
+    """The simple rule (argmin over the codes of |code - x / absmax|) and the lookup grid agree on every element
+    that is not within one grid step (2 / 65535) of a midpoint between two codes."""
+    torch.manual_seed(3)
+    code = dynamic_map(True)
+    x = torch.randn(64, 256) * torch.logspace(-4, 0, 64)[:, None]  # blocks of very different scales
+    q, absmax = quantize_blockwise8(x.reshape(-1), code, 256, backend="torch")
+    scaled = x / absmax[:, None]
+    nearest = (scaled[..., None] - code).abs().argmin(dim=-1).reshape(-1)
+    mids = 0.5 * (code[:-1] + code[1:])
+    near_tie = ((scaled.reshape(-1)[:, None] - mids).abs() < 2 / 65535).any(dim=1)
+    assert torch.equal(q.long()[~near_tie], nearest[~near_tie])
+    assert near_tie.float().mean() < 0.05  # the exceptions are few
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_near_ties_follow_bitsandbytes(backend):
     """Values placed on the 65536-point grid's rounding edges and on the code midpoints."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from nanoft.config import CHOICES
 from nanoft.optim.adafactor import Adafactor
 from nanoft.optim.adamw8bit import AdamW8bit
 from nanoft.optim.paged import PagedAdamW, PagedAdamW8bit
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor")
+# the names make_optimizer builds: listed once, in the config's CHOICES (config.py stays torch-free to import)
+OPTIMIZERS = CHOICES["optimizer"]
 
 __all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "Adafactor", "make_optimizer", "param_groups", "OPTIMIZERS"]
 

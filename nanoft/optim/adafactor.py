@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from nanoft.optim.adamw8bit import load_state_exact
+from nanoft.optim.state import load_state_exact
 
 
 def _rms(x: Tensor) -> Tensor:

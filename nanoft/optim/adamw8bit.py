@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from nanoft.kernels.adamw8bit import BLOCKSIZE, adamw8bit_update_
+from nanoft.optim.state import loaded_pairs
 
 REFERENCE_CHUNK = 1 << 20  # elements per 8-bit update call on the CPU (a multiple of BLOCKSIZE)
 
@@ -80,28 +81,6 @@ def adamw_32bit_(
     for p, q in zip(params, p32):
         if q is not p:
             p.copy_(q)
-
-
-def loaded_pairs(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple[Tensor, dict]]:
-    """torch's Optimizer.load_state_dict for the param groups only; returns (parameter, its saved state) pairs.
-
-    torch would also cast floating-point state to the parameter's dtype and move every state to the
-    parameter's device: that rounds a float32 absmax to bfloat16 for a bfloat16 model, and would pull all of
-    a paged optimizer's host states onto the GPU at once. So the states are left to the caller.
-    """
-    torch.optim.Optimizer.load_state_dict(optimizer, {**state_dict, "state": {}})  # checks sizes, sets groups
-    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return [(p, state_dict["state"][pid]) for pid, p in zip(saved_ids, params) if pid in state_dict["state"]]
-
-
-def load_state_exact(optimizer: torch.optim.Optimizer, state_dict: dict,
-                     place: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """Load `state_dict` with every state tensor kept in its saved dtype: `place(param, saved_tensor)` puts a
-    copy of it where this optimizer keeps it (the loaded dict may be reused)."""
-    for p, saved in loaded_pairs(optimizer, state_dict):
-        optimizer.state[p] = {name: place(p, value) if isinstance(value, Tensor) else value
-                              for name, value in saved.items()}
 
 
 class AdamW8bit(torch.optim.Optimizer):
