@@ -42,7 +42,8 @@ BEST_DIR = "best"  # out_dir/best: the checkpoint with the lowest validation los
 # keys that fix the architecture: base weights can't be loaded into a model that differs in these
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 # ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
-SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant")
+SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant",
+                          "prefix_len", "prefix_hidden", "adapter_size")
 
 
 class CheckpointError(RuntimeError):
@@ -59,6 +60,7 @@ class Checkpoint:
     optim: dict | None = None  # optimizer state_dict, tensors included
     rng: dict[str, Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. best val loss
+    train_only: dict[str, Tensor] = field(default_factory=dict)  # what only resuming needs (prefix tuning's MLP)
 
 
 def _tmp_name(path: Path) -> Path:
@@ -159,6 +161,7 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _dedupe(ckpt.model)
     tensors.update({f"rng.{k}": v for k, v in ckpt.rng.items()})
+    tensors.update({f"train.{k}": v.detach().cpu().contiguous() for k, v in ckpt.train_only.items()})
     optim_meta = None
     if ckpt.optim is not None:
         optim_tensors, optim_meta = _split_optimizer_state(ckpt.optim)
@@ -267,7 +270,7 @@ def _load(out_dir: Path, raw: bytes, map_location: str) -> Checkpoint:
         tensors = load_file(str(tensor_path), device=map_location)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint tensors {tensor_path}: {e}") from None
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optim": {}, "rng": {}}
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optim": {}, "rng": {}, "train": {}}
     for key, value in tensors.items():
         kind, name = key.split(".", 1)
         groups[kind][key if kind == "optim" else name] = value
@@ -275,7 +278,7 @@ def _load(out_dir: Path, raw: bytes, map_location: str) -> Checkpoint:
         groups["model"][alias] = groups["model"][name]
     optim = _join_optimizer_state(groups["optim"], meta["optim"]) if meta["optim"] is not None else None
     return Checkpoint(step=meta["step"], config=meta["config"], model=groups["model"], base_from=meta["base_from"],
-                      data=meta["data"], optim=optim, rng=groups["rng"], extra=meta["extra"])
+                      data=meta["data"], optim=optim, rng=groups["rng"], extra=meta["extra"], train_only=groups["train"])
 
 
 def check_compatible(saved_config: dict, config: dict, where: str, keys: tuple[str, ...]) -> None:
