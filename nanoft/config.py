@@ -30,10 +30,13 @@ class ConfigError(ValueError):
 # keys whose value must be one of a fixed set; checked on every Config construction
 CHOICES = {
     "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),  # = nanoft.optim.OPTIMIZERS
-    "finetune": ("none", "full", "lora", "qlora", "prefix", "adapter"),
+    "finetune": ("none", "full", "lora", "qlora", "prefix", "adapter", "dpo", "reward", "distill"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "finetune_weights": ("full", "lora", "qlora"),
 }
+# objectives of their own (nanoft/dpo.py, reward.py, distill.py); DPO may train LoRA/QLoRA adapters instead
+OBJECTIVE_FINETUNES = ("dpo", "reward", "distill")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 
 
@@ -80,7 +83,7 @@ class Config:
     adafactor_scale_parameter: bool = False  # scale the step by the parameter's RMS: meant for relative_step (with the schedule's lr it shrinks steps ~50x)
     adafactor_warmup_init: bool = False  # Adafactor's relative step warms up from 1e-6 (needs relative_step)
     # --- fine-tuning ---
-    finetune: str = "none"  # none (pretraining) | full | lora | qlora | prefix | adapter
+    finetune: str = "none"  # none (pretraining) | full | lora | qlora | prefix | adapter | dpo | reward | distill
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B @ A
     lora_dropout: float = 0.05  # dropout on the LoRA path's input
@@ -88,6 +91,12 @@ class Config:
     lora_train_norms: bool = False  # LoRA/QLoRA: the LayerNorms' gains and biases train too (2*n_embd each)
     nf4_blocksize: int = 64  # QLoRA: elements per NF4 quantization block
     double_quant: bool = True  # QLoRA: quantize the per-block absmax values to 8 bits too
+    finetune_weights: str = "full"  # dpo: which weights train, full | lora | qlora (the lora_* keys apply)
+    dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (small: far)
+    preference_data: str = ""  # dpo, reward: JSONL of {"prompt","chosen","rejected"}; empty uses the plays' set
+    teacher_from: str = ""  # distill: the teacher's checkpoint dir (a full model of any shape, same vocabulary)
+    distill_alpha: float = 0.5  # distill: weight of the teacher's soft targets; 1 - alpha on the true tokens
+    distill_temperature: float = 2.0  # distill: softmax temperature T of both teacher and student in the KL term
     prefix_len: int = 10  # prefix tuning: trained key/value positions before the sequence, in every layer
     prefix_hidden: int = 512  # prefix tuning: hidden width of the MLP that produces the prefixes while training
     adapter_size: int = 64  # adapters: bottleneck width m of each adapter (2*m*n_embd + m + n_embd numbers)
@@ -133,8 +142,23 @@ class Config:
         _check("eps", 0 < self.eps < 1, self.eps, "in (0, 1)")
         _check("lora_alpha", 0 < self.lora_alpha < math.inf, self.lora_alpha, "a finite number > 0")
         _check("seed", 0 <= self.seed < 2**63, self.seed, "in [0, 2**63)")
+        _check("dpo_beta", 0 < self.dpo_beta < math.inf, self.dpo_beta, "a finite number > 0")
+        _check("distill_alpha", 0 <= self.distill_alpha <= 1, self.distill_alpha, "in [0, 1]")
+        _check("distill_temperature", 0 < self.distill_temperature < math.inf, self.distill_temperature,
+               "a finite number > 0")
+        _check("teacher_from", bool(self.teacher_from.strip()) == (self.finetune == "distill"), self.teacher_from,
+               "a checkpoint dir with finetune=distill, and empty otherwise")
+        _check("finetune_weights", self.finetune_weights == "full" or self.finetune == "dpo", self.finetune_weights,
+               "full unless finetune=dpo (reward and distill train full weights)")
         for key in ("out_dir", "init_from", "dataset"):
             _check(key, bool(getattr(self, key).strip()), getattr(self, key), "not empty")
+
+    @property
+    def lora_kind(self) -> str:
+        """"lora" or "qlora" when the run trains LoRA adapters (finetune=lora/qlora, or dpo with those
+        finetune_weights), else "": the one test for "this run's weights are a base plus adapters"."""
+        kind = self.finetune_weights if self.finetune in OBJECTIVE_FINETUNES else self.finetune
+        return kind if kind in ("lora", "qlora") else ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
