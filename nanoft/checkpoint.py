@@ -40,7 +40,7 @@ META_NAME = "ckpt.json"
 META_KEYS = ("tensors", "sha256", "step", "config", "base_from", "data", "optim", "extra")
 BEST_DIR = "best"  # out_dir/best: the checkpoint with the lowest validation loss
 # keys that fix the architecture: base weights can't be loaded into a model that differs in these
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "tie_embeddings")
 # ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
 SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant",
                           "prefix_len", "prefix_hidden", "adapter_size")

@@ -66,6 +66,7 @@ class Config:
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1 is typical for fine-tuning)
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
+    tie_embeddings: bool = True  # the head's weight is the token embedding (GPT-2); False: a separate lm_head
     # --- optimizer and schedule ---
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit | adafactor
     lr: float = 6e-4  # peak learning rate, reached after warmup

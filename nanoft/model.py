@@ -1,15 +1,14 @@
 """A minimal GPT, shaped like GPT-2 so that GPT-2's weights load into it.
 
 Token + learned position embeddings -> n_layer pre-LayerNorm blocks (causal self-attention, GELU MLP)
--> final LayerNorm -> a head whose weight is the token embedding (weight tying).
+-> final LayerNorm -> a head whose weight is the token embedding (weight tying; tie_embeddings=False: its own).
 
 The attention projections are separate `q_proj`, `k_proj`, `v_proj`, `out_proj` (GPT-2 fuses q, k, v
-into one `c_attn`; we split it at load time) so that LoRA can target each one by name.
+into one `c_attn`; nanoft.hf splits it at load time) so that LoRA can target each one by name.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from nanoft import hf
 from nanoft.config import Config
 
 
@@ -88,7 +88,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections that add into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -162,12 +163,12 @@ class GPT(nn.Module):
 
 def load_pretrained(cfg: Config, source: str) -> GPT:
     """GPT(cfg) holding the weights at `source`: a nanoft checkpoint directory holding a full model
-    (not a LoRA adapter), or a GPT-2 model.safetensors in Hugging Face layout."""
+    (not a LoRA adapter), or a GPT-2 model.safetensors in Hugging Face layout (nanoft.hf reads it)."""
     from nanoft import checkpoint  # here, not at the top: checkpoint.py stays independent of the model
 
     model = GPT(cfg)
     if source.endswith(".safetensors"):
-        checkpoint.load_weights(model, gpt2_state_dict(source, cfg), source)
+        checkpoint.load_weights(model, hf.gpt2_state_dict(source, cfg), source)
         return model
     ckpt = checkpoint.load(source)
     if ckpt.config.get("finetune") in ("lora", "qlora"):
@@ -179,45 +180,3 @@ def load_pretrained(cfg: Config, source: str) -> GPT:
     weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
     checkpoint.load_weights(model, weights, source)
     return model
-
-
-def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
-    """Read a Hugging Face GPT-2 `model.safetensors` and return it in our module names.
-
-    GPT-2 stores its linear layers as Conv1D, with weights shaped (in, out): transpose them to
-    nn.Linear's (out, in), and split the fused c_attn (C, 3C) into q, k and v.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        hf = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read GPT-2 weights from {path}: {e}") from None
-    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-    C = cfg.n_embd
-    if "wte.weight" not in hf or hf["wte.weight"].shape[1] != C:
-        raise ValueError(f"{path} is not a GPT-2 checkpoint with n_embd={C}")
-    n_layer = 1 + max(int(k.split(".")[1]) for k in hf if k.startswith("h."))
-    if n_layer != cfg.n_layer:
-        raise ValueError(f"{path} has {n_layer} layers but the config says n_layer={cfg.n_layer}")
-    sd = {
-        "wte.weight": hf["wte.weight"],
-        "wpe.weight": hf["wpe.weight"][: cfg.block_size],  # a shorter context may use a prefix
-        "ln_f.weight": hf["ln_f.weight"], "ln_f.bias": hf["ln_f.bias"],
-    }
-    for i in range(n_layer):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        for ln in ("ln_1", "ln_2"):
-            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = hf[h + ln + ".weight"], hf[h + ln + ".bias"]
-        q, k, v = hf[h + "attn.c_attn.weight"].t().split(C, dim=0)  # (3C, C) -> three (C, C)
-        qb, kb, vb = hf[h + "attn.c_attn.bias"].split(C)
-        for name, w, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
-            sd[b + f"attn.{name}.weight"], sd[b + f"attn.{name}.bias"] = w, bias
-        for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
-            sd[b + ours + ".weight"] = hf[h + theirs + ".weight"].t()
-            sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
-    if sd["wte.weight"].shape[0] != cfg.vocab_size:  # padding would give unused tokens logit 0: too likely
-        raise ValueError(f"{path} has vocab {sd['wte.weight'].shape[0]}; set vocab_size={sd['wte.weight'].shape[0]} in the config")
-    sd["lm_head.weight"] = sd["wte.weight"]  # tied: the same matrix under both names
-    return {k: v.contiguous() for k, v in sd.items()}

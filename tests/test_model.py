@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nanoft.config import Config
-from nanoft.model import GPT, gpt2_state_dict
+from nanoft.hf import gpt2_state_dict
+from nanoft.model import GPT
 
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)
 
