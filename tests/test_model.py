@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from nanoft.config import Config
 from nanoft.hf import gpt2_state_dict
-from nanoft.model import GPT
+from nanoft.model import GPT, attention, explicit_attention
 
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)
 
@@ -48,6 +48,25 @@ def test_sdpa_equals_explicit_attention():
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     y = (F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
     torch.testing.assert_close(attn(x), attn.out_proj(y), rtol=1e-5, atol=1e-5)
+
+
+def test_the_models_written_out_attention_path_equals_sdpa():
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    idx = torch.randint(0, CFG.vocab_size, (2, 16))
+    sdpa_logits, _ = model(idx, idx)
+    for block in model.blocks:
+        block.attn.use_sdpa = False  # explicit_attention: softmax(Q K^T / sqrt(hs) + causal mask) V
+    explicit_logits, _ = model(idx, idx)
+    torch.testing.assert_close(explicit_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+    # queries that are the last T_q of T_k positions (after a KV cache or a prefix): the mask aligns to the end
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 7, 16), torch.randn(2, 4, 7, 16)
+    for T_q in (1, 3):
+        torch.testing.assert_close(attention(q[:, :, -T_q:], k, v), explicit_attention(q[:, :, -T_q:], k, v),
+                                   rtol=1e-5, atol=1e-5)
+    # of 3 queries over 7 keys, the middle one is position 5: it sees keys 0..5, not key 6
+    middle_alone = explicit_attention(q[:, :, 1:2], k[:, :, :6], v[:, :, :6])
+    torch.testing.assert_close(explicit_attention(q, k, v)[:, :, 1:2], middle_alone, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_mask_restricts_the_loss_to_masked_positions():
