@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from nanoft import checkpoint, distributed, run_guard
+from nanoft.adapters import apply_lora, load_adapter_state_dict
 from nanoft.config import Config
 from nanoft.data import get_tokenizer
 from nanoft.model import GPT, load_pretrained
@@ -33,8 +34,6 @@ def load_model(source: str, device: str = "cpu") -> GPT:
         model = GPT(cfg)
         checkpoint.load_weights(model, ckpt.model, source)
         return model
-    from nanoft.lora import apply_lora, load_adapter_state_dict  # an adapter: rebuild its base first
-
     run_guard.check_adapter_base(ckpt, source)  # the very base it was trained on, by content
     model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg, device)  # QLoRA quantizes on the device
     load_adapter_state_dict(model, ckpt.model)

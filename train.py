@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from nanoft import checkpoint, distributed, run_guard
+from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
 from nanoft.flops import flops_per_token, peak_flops
-from nanoft.lora import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.lr import warmup_cosine
 from nanoft.memory_measure import measured_breakdown
 from nanoft.model import GPT, load_pretrained

@@ -6,7 +6,7 @@
     python bench/compare_finetune.py --max_iters=20      # any --key=value is passed to every run
 
 Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its own process. Columns:
-  trainable     parameters with requires_grad (nanoft.lora.count_params; NF4 weights count as their elements)
+  trainable     parameters with requires_grad (nanoft.adapters.count_params; NF4 weights count as their elements)
   optim state   bytes of the optimizer state tensors in the run's final checkpoint (what the run really held)
   peak tensors  nanoft.memory.measure(cfg): the peak bytes held by torch's allocator over one training step
                 (CPU: torch.profiler allocator events; CUDA: max_memory_allocated), batches of block_size tokens
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from nanoft import checkpoint  # noqa: E402
+from nanoft.adapters import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
-from nanoft.lora import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
 from nanoft.model import GPT, load_pretrained  # noqa: E402
 from nanoft.sft import SCORED_EXAMPLES, load_sft_splits, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 

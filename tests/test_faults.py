@@ -24,7 +24,7 @@ from nanoft import checkpoint
 from nanoft.checkpoint import Checkpoint, CheckpointError
 from nanoft.config import Config
 from nanoft.data import DATA_ROOT
-from nanoft.lora import adapter_config, adapter_state_dict, apply_lora
+from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora
 from nanoft.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]

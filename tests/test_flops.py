@@ -5,7 +5,7 @@ import torch
 
 from nanoft.config import Config
 from nanoft.flops import flops_per_token, peak_flops
-from nanoft.lora import apply_lora
+from nanoft.adapters import apply_lora
 from nanoft.model import GPT
 
 CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, device="cpu")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from nanoft import checkpoint
 from nanoft.config import LORA_TARGETS, Config, load_config
-from nanoft.lora import (LoRALinear, adapter_config, adapter_state_dict, apply_lora, count_params,
-                         load_adapter_state_dict, lora_modules, merge_lora, trainable_summary)
+from nanoft.adapters import (adapter_config, adapter_state_dict, apply_lora, count_params, load_adapter_state_dict,
+                             lora_modules, merge_lora, trainable_summary)
+from nanoft.lora import LoRALinear
 from nanoft.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
