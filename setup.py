@@ -23,5 +23,8 @@ setup(
         "tqdm>=4.60",
         "wandb>=0.17",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6"],
+        "plot": ["matplotlib>=3.6"],  # python -m nanoft.plot, and out_dir/loss.png at each evaluation
+    },
 )

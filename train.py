@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from nanoft import checkpoint, distributed, run_guard
+from nanoft import checkpoint, distributed, plot, run_guard
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.config import Config, describe, load_config
 from nanoft.data import Batches, ensure_dataset, get_tokenizer
@@ -33,6 +32,7 @@ from nanoft.memory_measure import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
 from nanoft.precision import pick_device, pick_dtype
+from nanoft.progress import progress
 from nanoft.sft import SFTBatches, load_sft_splits, task_report
 
 
@@ -135,7 +135,8 @@ def main(argv: list[str]) -> None:
               f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
 
     # ---- the loop ----
-    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
+    # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.progress)
+    bar = progress(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
     completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
     position_at_step_start = train_batches.state_dict()
     # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
@@ -189,6 +190,7 @@ def main(argv: list[str]) -> None:
                                     **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                     if "val_loss" in record:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
+                        plot.refresh(out_dir)  # out_dir/loss.png when matplotlib is installed; never fails the run
             if done % cfg.save_interval == 0 or last:
                 save(done)
             if log_now:
