@@ -9,6 +9,9 @@ untimed steps that allocate the states (and compile the Triton kernels); the opt
 and the median of --steps steps each is reported. On CUDA each timed step is bracketed by
 torch.cuda.synchronize(), which waits for every stream: a paged optimizer's last write-backs are included.
 
+"adamw8bit reference" is our AdamW8bit with backend="torch": the plain-PyTorch update the fast paths (Triton on
+CUDA, the C loop on the CPU) are held to bit for bit.
+
 The "bnb" column names the bitsandbytes optimizer a row is compared with: AdamW8bit for the non-paged ones,
 and on CUDA PagedAdamW8bit / PagedAdamW for ours (bitsandbytes' paged optimizers have no CPU path).
 bitsandbytes pages with CUDA unified memory, which stays on the GPU until memory runs short; ours moves every
@@ -75,6 +78,8 @@ def main() -> None:
         "bnb AdamW8bit": (lambda g: bnb.optim.AdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size),
                           "bnb AdamW8bit"),
         "adamw8bit": (lambda g: AdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size), "bnb AdamW8bit"),
+        "adamw8bit reference": (lambda g: AdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size, backend="torch"),
+                                "bnb AdamW8bit"),
         "paged_adamw": (lambda g: PagedAdamW(g, **adam, page_size=cfg.page_size),
                         "bnb PagedAdamW" if cuda else "bnb AdamW8bit"),
         "paged_adamw8bit": (lambda g: PagedAdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size,

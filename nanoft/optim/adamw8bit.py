@@ -16,8 +16,9 @@ tiny share of the memory and quantizing them buys nothing. They are many, though
 tensors), so they are updated together by torch's own multi-tensor AdamW (`adamw_32bit_`): on CUDA its fused
 kernel, one launch for all of them, with the bits of torch.optim.AdamW(fused=True); elsewhere its foreach
 path, which on the CPU gives the bits of torch.optim.AdamW's default (tested). One launch instead of ~700 small
-eager ops per step. The 8-bit tensors are one fused Triton launch each on CUDA; on the CPU the reference update
-runs on chunks of REFERENCE_CHUNK elements (whole blocks, so the same bits), which bounds its temporaries.
+eager ops per step. The 8-bit tensors are one fused Triton launch each on CUDA; on the CPU one pass of a C loop
+(nanoft.kernels.adamw8bit_cpu, the reference's bits) over chunks of REFERENCE_CHUNK elements (whole blocks, so
+the same bits), which also bounds the temporaries of the PyTorch reference where that runs instead.
 
 State per parameter (plain tensors and ints, so the safetensors checkpoint can hold them):
     32-bit: step (int), exp_avg, exp_avg_sq (float32, the parameter's shape) -- torch.optim.AdamW's names
@@ -208,7 +209,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if p.is_cuda:  # one launch of the fused kernel (or, with backend="torch", one reference call)
             adamw8bit_update_(p, g, m_codes, m_absmax, v_codes, v_absmax, backend=self.backend, **hp)
             return
-        # On the CPU the reference materialises float32 m, v and more (~33 bytes per element). Chunks of 1M
+        # On the CPU the C loop keeps no temporaries; the reference (backend="torch", or no C compiler)
+        # materialises float32 m, v and more (~33 bytes per element). Chunks of 1M
         # elements keep that scratch bounded and recycled by malloc: whole, the 100M model's embedding makes
         # ~1 GB of fresh temporaries whose pages the OS faults in and zeroes on every step (2.8x slower).
         p, g, m_codes, v_codes = p.view(-1), g.view(-1), m_codes.view(-1), v_codes.view(-1)

@@ -1,0 +1,195 @@
+"""The 8-bit AdamW update on the CPU: adamw8bit.py's reference, written as one loop in C.
+
+Why C: the reference is ~30 whole-tensor torch ops (dequantize, the update, the block maxima, the lookup-grid
+quantization), each a full pass over memory with float32 temporaries: ~50 ns per element on this 2-core CPU,
+20x torch.optim.AdamW. Here each 256-value block is dequantized, updated and requantized while it sits in
+registers and L1, and the states cross memory once, as bytes. It is the same loop as the Triton kernel in
+adamw8bit.py; Triton has no CPU backend, and torch.compile's C++ cannot say "fused multiply-add here and nowhere
+else", which bit-exactness with torch's eager CPU ops (and so with bitsandbytes) needs.
+
+Every operation is the reference's, in float32, in the reference's order: the two fmaf calls are the two places
+where torch's CPU kernels fuse (add_ with alpha, addcmul_), and the file is compiled with -ffp-contract=off so
+the compiler fuses nothing else. tests/test_optim_adamw8bit.py holds it to the reference bit for bit.
+
+The library is built once per machine with the system C compiler (`cc`, or $CC) into ~/.cache/nanoft (or
+$NANOFT_CACHE) and loaded with ctypes; ctypes releases the GIL, so torch.get_num_threads() Python threads each
+take a share of the blocks. Without a compiler, `load()` returns None and the caller uses the reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 256  /* values per quantization block */
+
+/* One block of float32 values -> codes: the nearest code by bitsandbytes' 65,536-point grid (blockwise8.py). */
+static void quantize_block(const float *x, int len, float absmax, const uint8_t *lut, uint8_t *codes) {
+    float inv = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
+    for (int i = 0; i < len; i++) {
+        float v = x[i] * inv;
+        v = v > -1.0f ? v : -1.0f;  /* clamp to [-1, 1]; (a NaN lands on -1, never outside the table) */
+        v = v < 1.0f ? v : 1.0f;
+        int j = (int)(((v + 1.0f) * 0.5f) * 65535.0f + 0.5f);  /* truncation, as the reference's cast */
+        codes[i] = absmax == 0.0f ? 0 : lut[j];
+    }
+}
+
+/* torch's CPU sqrt where it calls MKL (vmsSqrt: within an ulp, not always correctly rounded); else NULL */
+typedef void (*vector_sqrt)(int n, const float *in, float *out, int64_t mode);
+
+/* AdamW on blocks [first, last) of n float32 values, states 8-bit (adamw8bit.py's docstring has the maths). */
+void adamw8bit_blocks(float *p, const float *g, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
+                      float *v_absmax, const float *code1, const float *code2, const uint8_t *lut1,
+                      const uint8_t *lut2, int64_t n, int64_t first, int64_t last, float beta1,
+                      float one_minus_beta1, float beta2, float one_minus_beta2, float correction2, float eps,
+                      int apply_decay, float decay, float step_size, vector_sqrt mkl_sqrt, int64_t mkl_mode) {
+    float m[BLOCK], v[BLOCK], root[BLOCK];
+    for (int64_t b = first; b < last; b++) {
+        int64_t start = b * BLOCK;
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float m_scale = m_absmax[b], v_scale = v_absmax[b], m_max = 0.0f, v_max = 0.0f;
+        for (int i = 0; i < len; i++) {
+            float grad = g[start + i];
+            float mi = code1[m_codes[start + i]] * m_scale;         /* dequantize */
+            float vi = code2[v_codes[start + i]] * v_scale;
+            mi = fmaf(grad, one_minus_beta1, mi * beta1);           /* m.mul_(beta1).add_(g, alpha=1 - beta1) */
+            vi = fmaf(one_minus_beta2 * grad, grad, vi * beta2);    /* v.mul_(beta2).addcmul_(g, g, 1 - beta2) */
+            m[i] = mi;
+            v[i] = vi;
+            float am = fabsf(mi), av = fabsf(vi);
+            m_max = am > m_max ? am : m_max;
+            v_max = av > v_max ? av : v_max;
+        }
+        if (mkl_sqrt) {
+            mkl_sqrt(len, v, root, mkl_mode);                       /* v.sqrt(), as torch computes it */
+        } else {
+            for (int i = 0; i < len; i++) root[i] = sqrtf(v[i]);
+        }
+        for (int i = 0; i < len; i++) {
+            float denom = root[i] / correction2 + eps;
+            float pk = p[start + i];
+            if (apply_decay) pk = pk * decay;
+            p[start + i] = pk + (step_size * m[i]) / denom;         /* p.addcdiv_(m, denom, value=step_size) */
+        }
+        quantize_block(m, len, m_max, lut1, m_codes + start);      /* requantize with the new absmax */
+        quantize_block(v, len, v_max, lut2, v_codes + start);
+        m_absmax[b] = m_max;
+        v_absmax[b] = v_max;
+    }
+}
+"""
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+
+VML_MODE = 0x2 | 0x140000 | 0x100  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, as torch calls vmsSqrt
+_LIB: list = []  # [(library, sqrt function, mode) or None], once loaded or found missing
+_POOL: list = []  # [ThreadPoolExecutor]
+
+
+def _build(compiler: str) -> str:
+    """Compile SOURCE (once per source, flags, compiler and machine) and return the shared library's path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, platform.machine(), platform.node()]).encode())
+    cache = os.environ.get("NANOFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoft")
+    path = os.path.join(cache, f"adamw8bit_cpu-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: concurrent builds are safe
+            src = os.path.join(tmp, "adamw8bit_cpu.c")
+            with open(src, "w") as f:
+                f.write(SOURCE)
+            subprocess.run([compiler, *FLAGS, src, "-o", os.path.join(tmp, "lib.so"), "-lm"], check=True,
+                           capture_output=True, text=True)
+            os.replace(os.path.join(tmp, "lib.so"), path)
+    return path
+
+
+def _torch_sqrt() -> tuple[int | None, int]:
+    """(address of the MKL function torch's CPU sqrt calls, its mode), or (None, 0) where torch has no MKL.
+
+    torch computes float32 sqrt on the CPU with MKL's vmsSqrt in its high-accuracy mode (ATen/cpu/vml.h), which
+    is within an ulp but not always the correctly rounded sqrtf. The step divides by sqrt(v), so the parameter
+    is bit-exact only with the same function: libtorch_cpu exports it, and the C loop calls it per block."""
+    if not torch.backends.mkl.is_available():
+        return None, 0
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).vmsSqrt
+    except (OSError, AttributeError):
+        return None, 0
+    return ctypes.cast(fn, ctypes.c_void_p).value, VML_MODE
+
+
+def _agrees_with_torch(sqrt_fn: int | None, mode: int) -> bool:
+    """The sqrt the loop will use gives torch.sqrt's bits (probed on values of every magnitude the states take)."""
+    probe = torch.logspace(-30, 2, 4099, dtype=torch.float32) * torch.linspace(1, 1.7, 4099)
+    out = torch.empty_like(probe)
+    if sqrt_fn is None:
+        return True  # sqrtf is correctly rounded; so is torch's own vectorised sqrt without MKL
+    ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(sqrt_fn)(
+        probe.numel(), probe.data_ptr(), out.data_ptr(), mode)
+    return torch.equal(out, probe.sqrt())
+
+
+def load():
+    """(compiled library, torch's sqrt function or None, its mode), or None (with one warning) where no C
+    compiler works or where the sqrt cannot be matched."""
+    if not _LIB:
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        loaded = None
+        try:
+            if compiler is None:
+                raise FileNotFoundError("no C compiler (cc, gcc or $CC) on PATH")
+            lib = ctypes.CDLL(_build(compiler))
+            f, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
+            lib.adamw8bit_blocks.argtypes = [ptr] * 10 + [i64] * 3 + [f] * 6 + [ctypes.c_int, f, f, ptr, i64]
+            lib.adamw8bit_blocks.restype = None
+            sqrt_fn, mode = _torch_sqrt()
+            if not _agrees_with_torch(sqrt_fn, mode):
+                raise OSError("torch's CPU sqrt could not be reproduced")
+            loaded = (lib, sqrt_fn, mode)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or e
+            warnings.warn(f"AdamW8bit's CPU kernel could not be built ({detail}); using the slower PyTorch reference")
+        _LIB.append(loaded)
+    return _LIB[0]
+
+
+def supports(p: Tensor, g: Tensor) -> bool:
+    """Whether the C loop can take this update: float32 on the CPU, and a library to run it."""
+    return p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32 and load() is not None
+
+
+def adamw8bit_update_cpu_(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor,
+                          v_absmax: Tensor, code1: Tensor, code2: Tensor, lut1: Tensor, lut2: Tensor, *,
+                          beta1: float, beta2: float, correction2: float, eps: float, decay: float | None,
+                          step_size: float) -> None:
+    """The update in place on contiguous CPU tensors (checked by the caller); decay None: no weight decay."""
+    n = p.numel()
+    n_blocks = -(-n // 256)
+    lib, sqrt_fn, mode = load()
+    args = [t.data_ptr() for t in (p, g, m_codes, m_absmax, v_codes, v_absmax, code1, code2, lut1, lut2)]
+    scalars = [beta1, 1.0 - beta1, beta2, 1.0 - beta2, correction2, eps, int(decay is not None),
+               1.0 if decay is None else decay, step_size, sqrt_fn, mode]
+    threads = max(1, min(torch.get_num_threads(), n_blocks // 64))  # small tensors: one thread
+    if threads == 1:
+        lib.adamw8bit_blocks(*args, n, 0, n_blocks, *scalars)
+        return
+    if not _POOL or _POOL[0]._max_workers < threads:
+        _POOL[:] = [ThreadPoolExecutor(max_workers=threads)]
+    bounds = [n_blocks * i // threads for i in range(threads + 1)]
+    jobs = [_POOL[0].submit(lib.adamw8bit_blocks, *args, n, a, b, *scalars) for a, b in zip(bounds, bounds[1:])]
+    for job in jobs:
+        job.result()
