@@ -19,8 +19,8 @@ import torch
 from nanoft import checkpoint, distributed, run_guard
 from nanoft.adapters import apply_lora, load_adapter_state_dict
 from nanoft.config import Config
-from nanoft.data import get_tokenizer
 from nanoft.model import GPT, load_pretrained
+from nanoft.tokenizer import get_tokenizer
 
 GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
 

@@ -25,7 +25,8 @@ import torch
 from nanoft import checkpoint, distributed, plot, run_guard
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.config import Config, describe, load_config
-from nanoft.data import Batches, ensure_dataset, get_tokenizer
+from nanoft.corpus import ensure_dataset
+from nanoft.data import Batches
 from nanoft.flops import flops_per_token, peak_flops
 from nanoft.lr import warmup_cosine
 from nanoft.memory_measure import measured_breakdown
@@ -33,7 +34,9 @@ from nanoft.model import GPT, load_pretrained
 from nanoft.optim import make_optimizer
 from nanoft.precision import pick_device, pick_dtype
 from nanoft.progress import progress
-from nanoft.sft import SFTBatches, load_sft_splits, task_report
+from nanoft.sft import SFTBatches, load_sft_splits
+from nanoft.sft_eval import task_report
+from nanoft.tokenizer import get_tokenizer
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its 
                 interpreter and torch's libraries (~0.3-0.5 GB), so it differs little between small runs
   wall          the train.py process, start to exit: startup, training, evaluation and its final scoring
   val loss      the run's last val loss (response tokens only), from its metrics.jsonl
-  answers       greedy decoding on the val split's first 300 prompts (nanoft.sft.score_answers): the share
+  answers       greedy decoding on the val split's first 300 prompts (nanoft.sft_eval.score_answers): the share
                 that answers with one of the six names and stops, and the share that names the right one
-  rank acc      speaker-task accuracy by ranking the six names by log-likelihood (nanoft.sft.score_speaker_task),
+  rank acc      speaker-task accuracy by ranking the six names by log-likelihood (nanoft.sft_eval.score_speaker_task),
                 beside the base checkpoint's and the majority baseline
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ from nanoft import checkpoint  # noqa: E402
 from nanoft.adapters import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
 from nanoft.model import GPT, load_pretrained  # noqa: E402
-from nanoft.sft import SCORED_EXAMPLES, load_sft_splits, majority_baseline, score_answers, score_speaker_task  # noqa: E402
+from nanoft.sft import load_sft_splits  # noqa: E402
+from nanoft.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 
 KINDS = ("full", "lora", "qlora")
 

@@ -6,7 +6,7 @@
     python data/prepare.py mycorpus --url https://example.org/corpus.txt [--sha256 HEX]
 
 Downloads and the tokenizer are cached in data/.cache/ (set NANOFT_DATA to put data/ elsewhere).
-The logic lives in nanoft/data.py; this file only parses the command line and reports what it wrote.
+The logic lives in nanoft/corpus.py; this file only parses the command line and reports what it wrote.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from nanoft import data
+from nanoft import corpus, data
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", help=f"shakespeare, a corpus ({', '.join(data.CORPORA)}), "
+    parser.add_argument("dataset", nargs="?", help=f"shakespeare, a corpus ({', '.join(corpus.CORPORA)}), "
                                                    "or the name for --input/--url data")
     parser.add_argument("--input", help="glob of your own text files, quoted: 'notes/**/*.txt'")
     parser.add_argument("--name", help="dataset name for --input (same as the positional dataset)")
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.input:
-            out = data.prepare_text_files(args.input, name, 0.1 if args.val_fraction is None else args.val_fraction)
-        elif args.url or name in data.CORPORA:
-            out = data.prepare_url(name, url=args.url, sha256=args.sha256, val_fraction=0.01 if args.val_fraction is None else args.val_fraction)
+            out = corpus.prepare_text_files(args.input, name, 0.1 if args.val_fraction is None else args.val_fraction)
+        elif args.url or name in corpus.CORPORA:
+            out = corpus.prepare_url(name, url=args.url, sha256=args.sha256, val_fraction=0.01 if args.val_fraction is None else args.val_fraction)
         elif name == "shakespeare":
-            out = data.prepare_shakespeare()
+            out = corpus.prepare_shakespeare()
         else:
-            parser.error(f"unknown dataset {name!r}: use shakespeare, one of {sorted(data.CORPORA)}, "
+            parser.error(f"unknown dataset {name!r}: use shakespeare, one of {sorted(corpus.CORPORA)}, "
                          "--input GLOB, or --url URL")
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -114,15 +115,21 @@ def is_hub_name(source: str) -> bool:
     return "/" not in source or not Path(source.split("/")[0]).is_dir()
 
 
-def weights_path(source: str) -> Path | None:
-    """The model.safetensors a Hugging Face source means (a file, a folder holding one, a Hub name, fetched
-    if needed), or None for anything else (scratch, a nanoft checkpoint)."""
+def is_hf_source(source: str) -> bool:
+    """A GPT-2 in Hugging Face's layout: a model.safetensors, a folder holding one (not a nanoft checkpoint), a Hub name."""
     path = Path(source)
+    return (source.endswith(".safetensors") or is_hub_name(source)
+            or (path.is_dir() and (path / WEIGHTS).is_file() and not checkpoint.exists(path)))
+
+
+def weights_path(source: str) -> Path | None:
+    """The model.safetensors a Hugging Face source means (a Hub name is fetched if not cached), or None for
+    anything else (scratch, a nanoft checkpoint)."""
+    if not is_hf_source(source):
+        return None
     if source.endswith(".safetensors"):
-        return path
-    if path.is_dir() and (path / WEIGHTS).is_file() and not checkpoint.exists(path):
-        return path / WEIGHTS
-    return fetch(source) if is_hub_name(source) else None
+        return Path(source)
+    return Path(source) / WEIGHTS if Path(source).is_dir() else fetch(source)
 
 
 def fetch(name: str) -> Path:
@@ -141,7 +148,7 @@ def fetch(name: str) -> Path:
         try:
             download(url, folder / file, sha256)
         except RuntimeError as e:
-            raise ValueError(f"{name} is not a local path, and fetching it from the Hub failed: {e}") from None
+            raise ValueError(f"{name}: no such local checkpoint or file, and no GPT-2 of that name on the Hub ({e})") from None
         if file == CONFIG:
             read_config(folder / CONFIG)
     return folder / WEIGHTS
@@ -164,7 +171,8 @@ def resolve(cfg: Config) -> Config:
         shape = {"tie_embeddings": not has_own_head(path)}
     changed = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in shape.items() if getattr(cfg, k) != v]
     if changed and launched_rank() == 0:
-        print(f"{source}: the model's shape is {config_json if config_json.is_file() else path}'s: {', '.join(changed)}")
+        print(f"{source}: the model's shape is {config_json if config_json.is_file() else path}'s: {', '.join(changed)}",
+              file=sys.stderr)
     return dataclasses.replace(cfg, **shape, init_from=cfg.init_from if cfg.init_from == "resume" else str(path))
 
 

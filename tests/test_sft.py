@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoft import data, sft
+from nanoft import data, sft, sft_eval, tokenizer
 from nanoft.config import Config
 from nanoft.model import GPT
-from nanoft.sft import EOT_ID, SFTBatches, SFTExample, collate, fit_to_block, load_sft_jsonl, tokenize_examples
+from nanoft.sft import SFTBatches, SFTExample, collate, fit_to_block, load_sft_jsonl, tokenize_examples
+from nanoft.tokenizer import EOT_ID
 
 PAIRS = [{"prompt": "Line: To be, or not to be\nSpeaker:", "response": " HAMLET"},
          {"prompt": "Q: 2+2?\nA:", "response": " 4, of course. <|endoftext|> is text here"},
@@ -49,7 +50,7 @@ def test_load_jsonl_and_errors_name_the_line(tmp_path):
 
 
 def test_mask_covers_exactly_the_response_and_eot():
-    enc = data.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     examples = tokenize_examples(PAIRS)
     assert examples[0].response_ids == tuple(enc.encode(" HAMLET")) + (EOT_ID,)
     assert EOT_ID not in examples[1].response_ids[:-1]  # "<|endoftext|>" inside a text stays text
@@ -130,7 +131,7 @@ def test_embedded_speaker_task_and_its_score(tmp_path, monkeypatch):
     speakers = {e.response for e in train}
     assert speakers == {"HAMLET", "IAGO", "BRUTUS", "KING LEAR", "MACBETH", "ROMEO"}
     assert val[0].prompt.startswith("Line: ") and val[0].prompt.endswith("\nSpeaker:\n")
-    baseline = sft.majority_baseline(val)
+    baseline = sft_eval.majority_baseline(val)
     assert 1 / 6 <= baseline < 0.3  # balanced classes
 
     # the score equals ranking the candidates by log-likelihoods computed one at a time, unpadded
@@ -138,7 +139,7 @@ def test_embedded_speaker_task_and_its_score(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = GPT(cfg)
     subset = val[:24]
-    acc = sft.score_speaker_task(model, subset, "cpu", rows_per_forward=50)  # 144 rows: 3 forwards
+    acc = sft_eval.score_speaker_task(model, subset, "cpu", rows_per_forward=50)  # 144 rows: 3 forwards
     assert model.training  # the model's mode is restored
     candidates = sorted({e.response_ids for e in subset})
     model.eval()
@@ -172,7 +173,7 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
     model = GPT(cfg)
     examples = tokenize_examples([{"prompt": f"Line: {w} and more\nSpeaker:", "response": r}
                                   for w, r in [("a", " HAMLET"), ("b", " IAGO"), ("c", " HAMLET"), ("d", " ROMEO")]])
-    got = sft.score_answers(model, examples, "cpu")
+    got = sft_eval.score_answers(model, examples, "cpu")
     assert model.training  # the model's mode is restored
     answers = {e.response_ids for e in examples}
     model.eval()
@@ -197,13 +198,13 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert sft.score_answers(model, examples, "cpu") == {"exact": 0.5, "valid": 1.0}
+    assert sft_eval.score_answers(model, examples, "cpu") == {"exact": 0.5, "valid": 1.0}
 
 
 def test_task_report_skips_long_free_text_answers():
     cfg = Config(n_layer=1, n_head=2, n_embd=32, block_size=64, dropout=0.0, device="cpu")
     model = GPT(cfg)
     short = tokenize_examples([{"prompt": "Q: 1+1?\nA:", "response": " 2"}, {"prompt": "Q: 2+2?\nA:", "response": " 4"}])
-    assert sft.task_report(model, short, "cpu", speaker_task=False).startswith("val answers (greedy, 2 prompts): ")
+    assert sft_eval.task_report(model, short, "cpu", speaker_task=False).startswith("val answers (greedy, 2 prompts): ")
     long = tokenize_examples([{"prompt": "Tell a story.", "response": " once upon a time" * 10}] * 2)
-    assert "not scored (answers of up to 41 tokens" in sft.task_report(model, long, "cpu", speaker_task=False)
+    assert "not scored (answers of up to 41 tokens" in sft_eval.task_report(model, long, "cpu", speaker_task=False)
