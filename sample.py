@@ -1,11 +1,12 @@
 """Generate text from a checkpoint, printing tokens as they are produced.
 
     python sample.py out/tiny --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8 --top_k 200 --seed 1
+    python sample.py gpt2 --prompt "Hello, I'm a language model,"    # GPT-2 from the Hugging Face Hub (fetched once)
     python sample.py path/to/gpt2/model.safetensors --prompt "Hello, I'm a language model,"
 
 The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, which is applied to its
 base), its best/ (the weights with the lowest validation loss: `--best`, or `out/tiny/best`), or a GPT-2
-model.safetensors in Hugging Face layout.
+in Hugging Face layout: a Hub name (gpt2, gpt2-medium, distilgpt2, owner/name), a folder, a model.safetensors.
 """
 import argparse
 import dataclasses
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint, distributed, run_guard
+from nanoft import checkpoint, distributed, hf, run_guard
 from nanoft.adapters import apply_lora, load_adapter_state_dict
 from nanoft.config import Config
 from nanoft.model import GPT, load_pretrained
@@ -26,8 +27,9 @@ GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_si
 
 
 def load_model(source: str, device: str = "cpu") -> GPT:
-    if source.endswith(".safetensors"):
-        return load_pretrained(GPT2_SMALL, source)
+    if hf.is_hf_source(source):  # a GPT-2 by name (fetched once), a folder or a model.safetensors
+        cfg = hf.resolve(dataclasses.replace(GPT2_SMALL, init_from=source))  # its config.json decides the shape
+        return load_pretrained(cfg, cfg.init_from)
     ckpt = checkpoint.load(source)
     cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
     if cfg.finetune not in ("lora", "qlora"):
@@ -53,7 +55,7 @@ def check_args(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a nanoft out_dir or a GPT-2 model.safetensors")
+    p.add_argument("checkpoint", help="a nanoft out_dir, or a GPT-2: a Hub name, a folder, a model.safetensors")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")

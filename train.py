@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint, distributed, plot, run_guard
+from nanoft import checkpoint, distributed, hf, plot, run_guard
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.config import Config, describe, load_config
 from nanoft.corpus import ensure_dataset
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
         return
     cfg = load_config(argv[0], argv[1:])
     owner = run_guard.claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
+    cfg = hf.resolve(cfg)  # a Hugging Face GPT-2 (gpt2, a folder, a file): fetched by name; its config.json sets the shape
     resume = checkpoint.load(cfg.out_dir) if cfg.init_from == "resume" else None
     if resume:  # the model's shape comes from the checkpoint; other keys may change (printed), a few may not
         run_guard.check_resume(resume, cfg)
