@@ -221,6 +221,32 @@ def test_property_random_shapes_and_values(shape, log2_blocksize, double_quant, 
     check_against_bnb(x, 2**log2_blocksize, double_quant, backend, out_dtypes=[dtype])
 
 
+def test_nf4_values_are_the_qlora_normal_quantiles():
+    """The 16 values are derived, not trusted: QLoRA (Dettmers et al. 2023, arXiv:2305.14314, section 3 and
+    bitsandbytes' create_normal_map) takes quantiles of N(0, 1) at probabilities evenly spaced from `offset` down
+    to 1/2: 9 points for the positive side (the 1/2 end, the median 0, dropped: 8 values), 8 for the negative side
+    (7 values), adds an exact zero and divides by the largest value. offset = 1 - (1/30 + 1/32) / 2: the mean of
+    the last bin centres' probabilities with 15 and with 16 equal bins, written 0.9677083 by bitsandbytes.
+
+    Equal to the table bit for bit when rounded at bitsandbytes' steps: the probabilities are float32 (its
+    torch.linspace), the quantiles float64 (scipy's norm.ppf; torch.special.ndtri here), the values then float32,
+    divided by their maximum in float32. Carried out entirely in float64 they land up to 6 float32 ulps away (the
+    tails' quantiles are steep in the rounded probabilities), which is why the table is stored, not recomputed."""
+    offset = 0.9677083
+    assert abs(offset - (1 - (1 / 30 + 1 / 32) / 2)) < 1e-7
+
+    def normal_map(float_dtype):
+        positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=float_dtype)[:-1].double())  # (8,)
+        negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=float_dtype)[:-1].double())  # (7,)
+        values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).to(float_dtype).sort().values
+        return (values / values.max()).float()
+
+    table = torch.tensor(NF4_VALUES)
+    assert same_bits(normal_map(torch.float32), table)
+    ulps = (normal_map(torch.float64).view(torch.int32) - table.view(torch.int32)).abs()
+    assert 0 < ulps.max() <= 6 and ulps[[0, 7, 15]].tolist() == [0, 0, 0]  # -1, 0 and 1 are exact either way
+
+
 def test_bits_per_parameter():
     n = 1024 * 256
     for double_quant, expected in ((False, 4.5), (True, 4 + 8 / 64 + 32 / (64 * 256))):
