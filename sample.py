@@ -28,7 +28,7 @@ GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_si
 
 def load_model(source: str, device: str = "cpu") -> GPT:
     if hf.is_hf_source(source):  # a GPT-2 by name (fetched once), a folder or a model.safetensors
-        cfg = hf.resolve(dataclasses.replace(GPT2_SMALL, init_from=source))  # its config.json decides the shape
+        cfg = hf.resolve(dataclasses.replace(GPT2_SMALL, init_from=source), announce=False)  # config.json: the shape
         return load_pretrained(cfg, cfg.init_from)
     ckpt = checkpoint.load(source)
     cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)

@@ -24,7 +24,8 @@ setup(
         "wandb>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6"],
+        "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6",
+                 "transformers==5.17.*", "peft==0.21.*"],  # references for tests/test_hf.py; nanoft never imports them
         "plot": ["matplotlib>=3.6"],  # python -m nanoft.plot, and out_dir/loss.png at each evaluation
     },
 )

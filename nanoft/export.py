@@ -1,7 +1,7 @@
 """nanoft to Hugging Face and back: a checkpoint out to transformers, a LoRA run out to peft, a peft LoRA adapter in.
 
     python -m nanoft.export out/tiny --to out/tiny-hf          # a full model: config.json + model.safetensors
-    python -m nanoft.export out/lora --to out/lora-hf          # a LoRA run: its base in out/lora-hf/base/, a peft adapter
+    python -m nanoft.export out/lora --to out/lora-hf          # a LoRA run: a peft adapter, its base in base/
     python -m nanoft.export path/to/peft-adapter --to out/lora-in [--base gpt2]   # a peft LoRA adapter -> nanoft
 
     model = GPT2LMHeadModel.from_pretrained("out/tiny-hf")                       # the same logits as nanoft
@@ -47,17 +47,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from nanoft import checkpoint, hf
-from nanoft.adapters import adapter_config
+from nanoft.adapters import BLOCK_LINEARS, adapter_config
 from nanoft.checkpoint import CheckpointError
-from nanoft.config import Config
+from nanoft.config import LORA_TARGETS, Config
 from nanoft.model import GPT, load_pretrained
 from nanoft.quant import NF4Tensor
 from nanoft.run_guard import check_adapter_base, check_output_dir
 
 QKV = ("q_proj", "k_proj", "v_proj")  # the order of their rows in c_attn
-# nanoft's other LoRA targets and the GPT-2 module each one is
-SINGLE = {"out_proj": ("attn.out_proj", "attn.c_proj"), "fc_in": ("mlp.fc_in", "mlp.c_fc"), "fc_out": ("mlp.fc_out", "mlp.c_proj")}
-PREFIX = "base_model.model.transformer."  # where peft's GPT2LMHeadModel keeps the GPT-2 modules
+# the GPT-2 module each nanoft LoRA target is part of
+GPT2_MODULE = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn",
+               "out_proj": "attn.c_proj", "fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj"}
+PEFT = "base_model.model.transformer."  # where peft's GPT2LMHeadModel keeps GPT-2's modules
+PEFT_LORA = re.compile(r"(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\."
+                       r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight")
+PEFT_NORM = re.compile(r"(?:base_model\.model\.)?(?:transformer\.)?(?:h\.(\d+)\.)?(ln_1|ln_2|ln_f)\.(weight|bias)")
 NORMS = ("ln_1", "ln_2", "ln_f")
 EXPORTED = {hf.CONFIG, hf.WEIGHTS, "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "base"}
 
@@ -81,17 +85,18 @@ def export(src: str, to: str, overwrite: bool = False) -> Path:
 
 
 def _write_folder(to: Path, inputs: list[str], overwrite: bool, write) -> Path:
-    """Write through `write(tmp)` into a fresh folder beside `to`, then rename it into place: never half a folder."""
+    """Write through `write(tmp)` into a fresh folder beside `to`, then rename it into place: never half a folder.
+    --overwrite replaces an earlier export, never a folder holding anything else."""
     check_output_dir(to, inputs, overwrite)
     held = {p.name for p in to.iterdir()} if to.is_dir() else set()
-    if held and not (overwrite and held <= EXPORTED):  # --overwrite replaces an earlier export, nothing else
-        raise ValueError(f"--to {to} holds other files; pick another folder" if overwrite else
-                         f"--to {to} is not empty; pick another folder, or pass --overwrite to replace an earlier export")
-    tmp = to.with_name(f"{to.name}.{os.getpid()}.tmp")
+    if held and not overwrite:
+        raise ValueError(f"--to {to} is not empty; pick another folder, or --overwrite to replace an earlier export")
+    if not held <= EXPORTED:
+        raise ValueError(f"--to {to} holds other files than an export's; pick another folder")
+    tmp, old = (to.with_name(f"{to.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        old = to.with_name(f"{to.name}.{os.getpid()}.old")
         if to.exists():
             os.replace(to, old)
         os.replace(tmp, to)
@@ -106,15 +111,17 @@ def _base_weights(ck: checkpoint.Checkpoint, cfg: Config) -> tuple[dict[str, Ten
     path = hf.weights_path(ck.base_from)
     if path is None:  # a nanoft checkpoint
         base, positions = ck.base_from, checkpoint.read_meta(ck.base_from)["config"]["block_size"]
+    elif path.with_name(hf.CONFIG).is_file():
+        base, positions = str(path), hf.read_config(path.with_name(hf.CONFIG))["n_positions"]
     else:
-        has_config = path.with_name(hf.CONFIG).is_file()
-        base, positions = str(path), hf.read_config(path.with_name(hf.CONFIG))["n_positions"] if has_config else cfg.block_size
+        base, positions = str(path), cfg.block_size
     base_cfg = dataclasses.replace(cfg, finetune="none", block_size=positions, init_from=base)
     weights = load_pretrained(base_cfg, base).state_dict()
     if cfg.lora_kind == "qlora":  # what the adapter saw: each block linear through NF4 and back
         for name, w in weights.items():
             if name.startswith("blocks.") and w.dim() == 2:
-                weights[name] = NF4Tensor.from_float(w.float(), cfg.nf4_blocksize, cfg.double_quant).dequantize(torch.float32)
+                nf4 = NF4Tensor.from_float(w.float(), cfg.nf4_blocksize, cfg.double_quant)
+                weights[name] = nf4.dequantize(torch.float32)
     return weights, base_cfg
 
 
@@ -122,38 +129,38 @@ def _write_lora(folder: Path, final: Path, ck: checkpoint.Checkpoint, cfg: Confi
     weights, base_cfg = _base_weights(ck, cfg)
     hf.write_gpt2(folder / "base", weights, base_cfg)
     tensors, config = to_peft(ck.model, cfg)
-    config["base_model_name_or_path"] = str((final / "base").resolve())  # where the folder will be, once renamed
+    config["base_model_name_or_path"] = str((final / "base").resolve())  # where it will be, once renamed
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def to_peft(adapter: dict[str, Tensor], cfg: Config) -> tuple[dict[str, Tensor], dict]:
     """nanoft's adapter tensors (by their checkpoint names) -> peft's adapter_model tensors and adapter_config."""
-    r, s = cfg.lora_r, cfg.lora_alpha
+    r, alpha, C = cfg.lora_r, cfg.lora_alpha, cfg.n_embd
     qkv = [t for t in QKV if t in cfg.lora_targets]
+    others = [t for t in cfg.lora_targets if t not in QKV]
     tensors = {}
     for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"{PREFIX}h.{i}."
+        ours, theirs = f"blocks.{i}.", f"{PEFT}h.{i}."
         if qkv:
-            A = torch.cat([adapter[f"{b}attn.{t}.lora_A"] for t in qkv])  # (m r, C)
-            B = torch.zeros(3 * cfg.n_embd, len(qkv) * r)  # (3C, m r): block j of rows, block n of columns
+            A = torch.cat([adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_A"] for t in qkv])  # (m r, C): the A's stacked
+            B = torch.zeros(3 * C, len(qkv) * r)  # (3C, m r): projection t's B in its rows and its own r columns
             for n, t in enumerate(qkv):
                 j = QKV.index(t)
-                B[j * cfg.n_embd:(j + 1) * cfg.n_embd, n * r:(n + 1) * r] = adapter[f"{b}attn.{t}.lora_B"]
-            tensors[h + "attn.c_attn.lora_A.weight"], tensors[h + "attn.c_attn.lora_B.weight"] = A, B
-        for t, (ours, theirs) in SINGLE.items():
-            if t in cfg.lora_targets:
-                tensors[h + theirs + ".lora_A.weight"] = adapter[f"{b}{ours}.lora_A"]
-                tensors[h + theirs + ".lora_B.weight"] = adapter[f"{b}{ours}.lora_B"]
-    for name, t in adapter.items():  # trained LayerNorms (lora_train_norms)
+                B[j * C:(j + 1) * C, n * r:(n + 1) * r] = adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_B"]
+            tensors[theirs + "attn.c_attn.lora_A.weight"], tensors[theirs + "attn.c_attn.lora_B.weight"] = A, B
+        for t in others:  # one module on each side: the tensors as they are
+            for part in ("A", "B"):
+                tensors[f"{theirs}{GPT2_MODULE[t]}.lora_{part}.weight"] = adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_{part}"]
+    for name, t in adapter.items():  # LayerNorms trained with lora_train_norms: peft's modules_to_save
         if name.endswith((".weight", ".bias")):
-            tensors[PREFIX + name.replace("blocks.", "h.")] = t
-    modules = (["c_attn"] if qkv else []) + [SINGLE[t][1] for t in SINGLE if t in cfg.lora_targets]
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": s, "lora_dropout": cfg.lora_dropout,
-              "target_modules": modules, "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
-              "rank_pattern": {"c_attn": len(qkv) * r} if qkv else {}, "alpha_pattern": {"c_attn": len(qkv) * s} if qkv else {},
-              "modules_to_save": list(NORMS) if cfg.lora_train_norms else None, "inference_mode": True,
-              "init_lora_weights": True}
+            tensors[PEFT + name.replace("blocks.", "h.")] = t
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+              "lora_dropout": cfg.lora_dropout, "fan_in_fan_out": True, "bias": "none", "use_rslora": False,
+              "use_dora": False, "target_modules": (["c_attn"] if qkv else []) + [GPT2_MODULE[t] for t in others],
+              "rank_pattern": {"c_attn": len(qkv) * r} if qkv else {},  # c_attn: rank m r, alpha m alpha: scale kept
+              "alpha_pattern": {"c_attn": len(qkv) * alpha} if qkv else {},
+              "modules_to_save": list(NORMS) if cfg.lora_train_norms else None, "inference_mode": True}
     return {k: v.detach().float().contiguous() for k, v in tensors.items()}, config
 
 
@@ -172,86 +179,87 @@ def import_peft(adapter_dir: str, to: str, base: str | None = None, overwrite: b
     if not hf.is_hf_source(base):
         raise ValueError(f"the adapter's base {base!r} is not a GPT-2 in Hugging Face layout; name one with --base")
     check_output_dir(to, [adapter_dir], overwrite)
-    cfg = hf.resolve(Config(init_from=base, out_dir=str(to), dropout=0.0, block_size=1 << 20))
-    weights, settings = from_peft(tensors, peft_cfg, cfg)
-    cfg = dataclasses.replace(cfg, finetune="lora", **settings)
-    return checkpoint.save(to, checkpoint.Checkpoint(step=0, config=cfg.to_dict(), model=weights, base_from=cfg.init_from,
-                                                     extra={"imported_from": str(folder), "adapter": adapter_config(cfg, cfg.init_from)}))
+    cfg = hf.resolve(Config(init_from=base, out_dir=str(to), dropout=0.0, block_size=1 << 20), announce=False)
+    weights, lora_keys = from_peft(tensors, peft_cfg, cfg)  # block_size above: all the base's positions
+    cfg = dataclasses.replace(cfg, finetune="lora", **lora_keys)
+    extra = {"imported_from": str(folder), "adapter": adapter_config(cfg, cfg.init_from)}
+    return checkpoint.save(to, checkpoint.Checkpoint(step=0, config=cfg.to_dict(), model=weights,
+                                                     base_from=cfg.init_from, extra=extra))
 
 
 def from_peft(tensors: dict[str, Tensor], peft_cfg: dict, cfg: Config) -> tuple[dict[str, Tensor], dict]:
-    """peft's LoRA tensors for GPT-2 -> (nanoft's adapter tensors, the lora_* Config keys); one line if they do
-    not map onto nanoft's LoRA (another method, DoRA, trained biases, some layers only, another module)."""
+    """peft's LoRA tensors for GPT-2 -> (nanoft's adapter tensors, the lora_* Config keys); one line where they
+    do not map onto nanoft's LoRA (another method, DoRA, trained biases, some layers only, another module)."""
     for key, ok in (("peft_type", peft_cfg.get("peft_type") == "LORA"), ("use_dora", not peft_cfg.get("use_dora")),
                     ("bias", peft_cfg.get("bias", "none") == "none"), ("lora_bias", not peft_cfg.get("lora_bias"))):
         if not ok:
-            raise ValueError(f"adapter_config.json: {key}={peft_cfg.get(key)!r} has no nanoft equivalent (plain LoRA only)")
-    by_module: dict[str, dict[str, Tensor]] = {}  # "h.0.attn.c_attn" -> {"A": ..., "B": ...}
+            raise ValueError(f"adapter_config.json: {key}={peft_cfg.get(key)!r} has no nanoft equivalent (plain LoRA)")
+    pairs: dict[tuple[str, int], dict[str, Tensor]] = {}  # ("attn.c_attn", layer) -> {"A": (R, in), "B": (out, R)}
     norms = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(?:transformer\.)?(h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))"
-                         r"\.lora_([AB])\.weight", key)
-        n = re.fullmatch(r"(?:base_model\.model\.)?(?:transformer\.)?((?:h\.\d+\.)?(?:ln_1|ln_2|ln_f)\.(?:weight|bias))", key)
-        if m:
-            by_module.setdefault(m.group(1), {})[m.group(2)] = t.float()
-        elif n:
-            norms[n.group(1).replace("h.", "blocks.", 1) if n.group(1).startswith("h.") else n.group(1)] = t.float()
+        if m := PEFT_LORA.fullmatch(key):
+            pairs.setdefault((m[2], int(m[1])), {})[m[3]] = t.float()
+        elif m := PEFT_NORM.fullmatch(key):
+            norms[f"blocks.{m[1]}.{m[2]}.{m[3]}" if m[1] else f"{m[2]}.{m[3]}"] = t.float()
         else:
-            raise ValueError(f"adapter tensor {key} has no place in nanoft's LoRA (targets: GPT-2's c_attn, c_proj, c_fc)")
-    kinds = sorted({name.split(".", 2)[2] for name in by_module})
-    for kind in kinds:
-        have = [i for i in range(cfg.n_layer) if set(by_module.get(f"h.{i}.{kind}", {})) == {"A", "B"}]
-        if len(have) != cfg.n_layer:
-            raise ValueError(f"the adapter has {kind} in {len(have)} of {cfg.n_layer} layers; nanoft adapts every layer")
-    scale = {_scale(peft_cfg, name, parts["A"].shape[0]) for name, parts in by_module.items()}
-    if len(scale) > 1:
-        raise ValueError(f"the adapter's scales alpha/r differ between modules ({sorted(scale)}); nanoft has one lora_alpha/lora_r")
-    own = _split_qkv(by_module, cfg) if "attn.c_attn" in kinds else {}
-    for t, (ours, theirs) in SINGLE.items():
-        if theirs in kinds:
+            raise ValueError(f"adapter tensor {key} has no place in nanoft's LoRA (GPT-2's c_attn, c_proj, c_fc only)")
+    modules = sorted({module for module, _ in pairs})
+    for module in modules:
+        have = sum(set(pairs.get((module, i), {})) == {"A", "B"} for i in range(cfg.n_layer))
+        if have != cfg.n_layer:
+            raise ValueError(f"the adapter has {module} in {have} of {cfg.n_layer} layers; nanoft adapts every layer")
+    scales = {_scale(peft_cfg, module, p["A"].shape[0]) for (module, _), p in pairs.items()}
+    if len(scales) > 1:
+        raise ValueError(f"the adapter's scales alpha/r differ between modules ({sorted(scales)}); "
+                         "nanoft has one lora_alpha / lora_r")
+    own = _split_qkv(pairs, cfg) if "attn.c_attn" in modules else {}
+    for t in LORA_TARGETS:
+        if t not in QKV and GPT2_MODULE[t] in modules:
             for i in range(cfg.n_layer):
-                own[f"blocks.{i}.{ours}"] = (by_module[f"h.{i}.{theirs}"]["A"], by_module[f"h.{i}.{theirs}"]["B"])
+                own[t, i] = pairs[GPT2_MODULE[t], i]["A"], pairs[GPT2_MODULE[t], i]["B"]
     rank = max(A.shape[0] for A, _ in own.values())
     weights = {}
-    for name, (A, B) in own.items():  # a smaller rank is padded with zero rows of A and columns of B: B A is unchanged
-        weights[name + ".lora_A"] = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])
-        weights[name + ".lora_B"] = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
-    expected = {f"blocks.{i}.{ln}.{p}" for i in range(cfg.n_layer) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")} | {"ln_f.weight", "ln_f.bias"}
-    if norms and set(norms) != expected:
-        raise ValueError("the adapter trains some LayerNorms; nanoft's lora_train_norms trains all of them (ln_1, ln_2, ln_f)")
-    targets = tuple(t for t in QKV + tuple(SINGLE) if f"blocks.0.{SINGLE[t][0] if t in SINGLE else 'attn.' + t}" in own)
-    return {**weights, **norms}, {"lora_r": rank, "lora_alpha": scale.pop() * rank, "lora_targets": targets,
-                                  "lora_dropout": float(peft_cfg.get("lora_dropout", 0.0)), "lora_train_norms": bool(norms)}
+    for (t, i), (A, B) in own.items():  # a smaller rank gets zero rows in A, zero columns in B: B A is the same
+        weights[f"blocks.{i}.{BLOCK_LINEARS[t]}.lora_A"] = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])
+        weights[f"blocks.{i}.{BLOCK_LINEARS[t]}.lora_B"] = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
+    all_norms = {f"blocks.{i}.{ln}.{p}" for i in range(cfg.n_layer) for ln in NORMS[:2] for p in ("weight", "bias")}
+    if norms and set(norms) != all_norms | {"ln_f.weight", "ln_f.bias"}:
+        raise ValueError("the adapter trains some LayerNorms; nanoft's lora_train_norms trains all (ln_1, ln_2, ln_f)")
+    targets = tuple(t for t in LORA_TARGETS if (t, 0) in own)
+    dropout = float(peft_cfg.get("lora_dropout", 0.0))
+    return {**weights, **norms}, {"lora_r": rank, "lora_alpha": scales.pop() * rank, "lora_targets": targets,
+                                  "lora_dropout": dropout, "lora_train_norms": bool(norms)}
 
 
 def _scale(peft_cfg: dict, module: str, rank: int) -> float:
-    """peft's scaling of one module: its alpha (alpha_pattern, else lora_alpha) / rank (or / sqrt(rank): rsLoRA)."""
+    """peft's scaling of one module: its alpha (alpha_pattern, else lora_alpha) / rank (rsLoRA: / sqrt(rank))."""
     alpha = peft_cfg.get("lora_alpha", 8)
     for pattern, value in (peft_cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", "transformer." + module):  # peft's own rule (utils.get_pattern_key)
+        if re.match(rf"(.*\.)?({pattern})$", f"transformer.h.0.{module}"):  # peft's rule (utils.get_pattern_key)
             alpha = value
             break
     return alpha / (math.sqrt(rank) if peft_cfg.get("use_rslora") else rank)
 
 
-def _split_qkv(by_module: dict, cfg: Config) -> dict[str, tuple[Tensor, Tensor]]:
-    """c_attn's (A, B) per layer -> each adapted projection's (A, B), block-structured columns kept apart."""
-    C = cfg.n_embd
-    used = [set() for _ in QKV]  # the columns of B each projection's rows use, in any layer
-    for i in range(cfg.n_layer):
-        B = by_module[f"h.{i}.attn.c_attn"]["B"]
-        for j in range(3):
-            used[j] |= set(B[j * C:(j + 1) * C].ne(0).any(dim=0).nonzero().flatten().tolist())
-    blocks = all(not (used[a] & used[b]) for a, b in ((0, 1), (0, 2), (1, 2)))
+def _split_qkv(pairs: dict, cfg: Config) -> dict[tuple[str, int], tuple[Tensor, Tensor]]:
+    """c_attn's (A, B) of each layer -> each projection's (A, B). B's rows split by projection. Where every column
+    of B serves one projection only (an export's block structure), each keeps its own columns of B and rows of
+    A; otherwise each keeps all of A (still exact: B_t A)."""
+    C, n = cfg.n_embd, cfg.n_layer
+    used = [set() for _ in QKV]  # the columns each projection's rows of B use, in any layer
+    for i in range(n):
+        for j, rows in enumerate(pairs["attn.c_attn", i]["B"].split(C)):
+            used[j] |= set(rows.ne(0).any(dim=0).nonzero().flatten().tolist())
     present = [j for j in range(3) if used[j]]
-    if not (blocks and present and len({len(used[j]) for j in present}) == 1):
-        present, used = [0, 1, 2], [list(range(by_module["h.0.attn.c_attn"]["A"].shape[0]))] * 3  # dense: all of A each
+    disjoint = sum(len(u) for u in used) == len(set().union(*used))
+    if not (present and disjoint and len({len(used[j]) for j in present}) == 1):
+        present, used = [0, 1, 2], [range(pairs["attn.c_attn", 0]["A"].shape[0])] * 3  # dense: all of A for each
     own = {}
-    for i in range(cfg.n_layer):
-        A, B = by_module[f"h.{i}.attn.c_attn"]["A"], by_module[f"h.{i}.attn.c_attn"]["B"]
+    for i in range(n):
+        A, B = pairs["attn.c_attn", i]["A"], pairs["attn.c_attn", i]["B"]
         for j in present:
             cols = sorted(used[j])
-            own[f"blocks.{i}.attn.{QKV[j]}"] = (A[cols], B[j * C:(j + 1) * C, cols])
+            own[QKV[j], i] = (A[cols], B[j * C:(j + 1) * C, cols])
     return own
 
 
@@ -259,12 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanoft.export", description=__doc__.split("\n")[0])
     p.add_argument("src", help="a nanoft out_dir (exported), or a peft adapter folder (imported)")
     p.add_argument("--to", required=True, help="the folder to write")
-    p.add_argument("--base", default=None, help="import: the adapter's GPT-2 (a Hub name, folder or file), if not the one it names")
-    p.add_argument("--overwrite", action="store_true", help="replace what --to holds")
+    p.add_argument("--base", default=None, help="import: the adapter's GPT-2 (a Hub name, folder or file), "
+                                                "if not the one it names")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
     args = p.parse_args(argv)
     try:
         if (Path(args.src) / "adapter_config.json").is_file():
-            print(f"imported the peft adapter {args.src}: wrote {import_peft(args.src, args.to, args.base, args.overwrite)}")
+            print(f"imported the peft adapter {args.src}: {import_peft(args.src, args.to, args.base, args.overwrite)}")
         else:
             print(f"exported {args.src} to {export(args.src, args.to, args.overwrite)}")
     except (ValueError, FileNotFoundError, CheckpointError) as e:

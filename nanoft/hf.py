@@ -73,12 +73,14 @@ def read_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: model_type {got!r} is not 'gpt2'; nanoft loads GPT-2-architecture models only")
     hf = {**GPT2_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     if hf["layer_norm_epsilon"] != 1e-5:
-        raise ValueError(f"{path}: layer_norm_epsilon={hf['layer_norm_epsilon']} is not supported (nanoft's LayerNorm uses 1e-5)")
+        raise ValueError(f"{path}: layer_norm_epsilon={hf['layer_norm_epsilon']} is not supported "
+                         "(nanoft's LayerNorm uses 1e-5)")
     if hf["activation_function"] not in ACTIVATIONS:
         raise ValueError(f"{path}: activation_function={hf['activation_function']!r} is not supported "
                          f"(nanoft computes GELU's tanh approximation: {', '.join(ACTIVATIONS)})")
     if hf.get("n_inner", 4 * hf["n_embd"]) != 4 * hf["n_embd"]:
-        raise ValueError(f"{path}: n_inner={hf['n_inner']} is not supported (nanoft's MLP is 4 * n_embd = {4 * hf['n_embd']} wide)")
+        raise ValueError(f"{path}: n_inner={hf['n_inner']} is not supported "
+                         f"(nanoft's MLP is 4 * n_embd = {4 * hf['n_embd']} wide)")
     for key, (value, meaning) in FIXED.items():
         if hf.get(key, value) != value:
             raise ValueError(f"{path}: {key}={hf[key]} is not supported ({meaning})")
@@ -116,7 +118,8 @@ def is_hub_name(source: str) -> bool:
 
 
 def is_hf_source(source: str) -> bool:
-    """A GPT-2 in Hugging Face's layout: a model.safetensors, a folder holding one (not a nanoft checkpoint), a Hub name."""
+    """A GPT-2 in Hugging Face's layout: a model.safetensors, a folder holding one (not a nanoft checkpoint), or
+    a Hub name."""
     path = Path(source)
     return (source.endswith(".safetensors") or is_hub_name(source)
             or (path.is_dir() and (path / WEIGHTS).is_file() and not checkpoint.exists(path)))
@@ -134,30 +137,31 @@ def weights_path(source: str) -> Path | None:
 
 def fetch(name: str) -> Path:
     """Hub model `name`'s model.safetensors in the cache, with its config.json beside it (downloaded once)."""
-    folder = data.DATA_ROOT / ".cache" / "hf" / name.replace("/", "--")
+    folder = data.cache_dir() / "hf" / name.replace("/", "--")
     if all((folder / f).is_file() for f in (CONFIG, WEIGHTS)):
         return folder / WEIGHTS
     if os.environ.get("NANOFT_OFFLINE", "") not in ("", "0"):
-        raise ValueError(f"{name} is not a local path, and is not cached in {folder} (NANOFT_OFFLINE forbids downloading it)")
+        raise ValueError(f"{name} is not a local path, nor cached in {folder} (NANOFT_OFFLINE forbids downloading it)")
     endpoint = os.environ.get("NANOFT_HF_ENDPOINT", ENDPOINT).rstrip("/")
     for file in (CONFIG, WEIGHTS):  # config.json first: a model nanoft cannot run is refused before the big file
         url = f"{endpoint}/{name}/resolve/main/{file}"
         sha256 = published_sha256(url) if file == WEIGHTS else None  # the Hub publishes it for LFS files only
         if file == WEIGHTS and sha256 is None and launched_rank() == 0:
-            print(f"{url}: no published sha256; the download cannot be checked")
+            print(f"{url}: no published sha256; the download cannot be checked", file=sys.stderr)
         try:
             download(url, folder / file, sha256)
         except RuntimeError as e:
-            raise ValueError(f"{name}: no such local checkpoint or file, and no GPT-2 of that name on the Hub ({e})") from None
+            raise ValueError(f"{name}: no such local checkpoint or file, and no GPT-2 of that name on the Hub "
+                             f"({e})") from None
         if file == CONFIG:
             read_config(folder / CONFIG)
     return folder / WEIGHTS
 
 
-def resolve(cfg: Config) -> Config:
+def resolve(cfg: Config, announce: bool = True) -> Config:
     """cfg with a Hugging Face base made concrete: init_from names the weights file (a Hub name is fetched)
-    and the shape is the one config.json says, the differences printed. With init_from=resume, the shape
-    of the run's recorded base. Any other cfg is returned as it is."""
+    and the shape is the one config.json says, the differences printed (announce). With init_from=resume,
+    the shape of the run's recorded base. Any other cfg is returned as it is."""
     source = cfg.init_from
     if source == "resume":
         source = checkpoint.read_meta(cfg.out_dir)["base_from"] if checkpoint.exists(cfg.out_dir) else "scratch"
@@ -170,9 +174,9 @@ def resolve(cfg: Config) -> Config:
     else:  # a bare weights file: the config's shape (checked on loading); the file says whether the head is tied
         shape = {"tie_embeddings": not has_own_head(path)}
     changed = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in shape.items() if getattr(cfg, k) != v]
-    if changed and launched_rank() == 0:
-        print(f"{source}: the model's shape is {config_json if config_json.is_file() else path}'s: {', '.join(changed)}",
-              file=sys.stderr)
+    if changed and announce and launched_rank() == 0:
+        where = config_json if config_json.is_file() else path
+        print(f"{source}: the model's shape is {where}'s: {', '.join(changed)}", file=sys.stderr)
     return dataclasses.replace(cfg, **shape, init_from=cfg.init_from if cfg.init_from == "resume" else str(path))
 
 
@@ -184,7 +188,9 @@ def has_own_head(path: str | Path) -> bool:
         with safe_open(str(path), "pt") as f:
             names = set(f.keys())
             wte = next((n for n in ("transformer.wte.weight", "wte.weight") if n in names), None)
-            return "lm_head.weight" in names and (wte is None or not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor(wte)))
+            if "lm_head.weight" not in names:
+                return False
+            return wte is None or not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor(wte))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read GPT-2 weights from {path}: {e}") from None
 
@@ -209,8 +215,8 @@ def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
     if n_layer != cfg.n_layer:
         raise ValueError(f"{path} has {n_layer} layers but the config says n_layer={cfg.n_layer}")
     if hf["wpe.weight"].shape[0] < cfg.block_size:
-        raise ValueError(f"{path} has {hf['wpe.weight'].shape[0]} positions; set block_size <= {hf['wpe.weight'].shape[0]}")
-    sd = {"wte.weight": hf.pop("wte.weight"), "wpe.weight": hf.pop("wpe.weight")[: cfg.block_size],  # a shorter context: a prefix
+        raise ValueError(f"{path} has {len(hf['wpe.weight'])} positions; set block_size <= {len(hf['wpe.weight'])}")
+    sd = {"wte.weight": hf.pop("wte.weight"), "wpe.weight": hf.pop("wpe.weight")[: cfg.block_size],  # a prefix
           "ln_f.weight": hf.pop("ln_f.weight"), "ln_f.bias": hf.pop("ln_f.bias")}
     for i in range(n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
@@ -224,7 +230,8 @@ def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
             sd[b + ours + ".weight"] = hf.pop(h + theirs + ".weight").t()
             sd[b + ours + ".bias"] = hf.pop(h + theirs + ".bias")
     if sd["wte.weight"].shape[0] != cfg.vocab_size:  # padding would give unused tokens logit 0: too likely
-        raise ValueError(f"{path} has vocab {sd['wte.weight'].shape[0]}; set vocab_size={sd['wte.weight'].shape[0]} in the config")
+        vocab = len(sd["wte.weight"])
+        raise ValueError(f"{path} has vocab {vocab}; set vocab_size={vocab} in the config")
     head = hf.pop("lm_head.weight", None)
     if hf:
         raise ValueError(f"{path} holds weights GPT-2 does not have: {sorted(hf)[:3]}")

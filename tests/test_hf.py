@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanoft import checkpoint, data, hf
-from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, lora_modules
+from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
 from nanoft.config import Config
 from nanoft.export import export, import_peft
 from nanoft.model import load_pretrained
@@ -96,7 +96,7 @@ def hub(tmp_path_factory):
     """The Hub on loopback, nanoft's data root (and so its cache) in a temporary folder."""
     root = tmp_path_factory.mktemp("hf")
     (root / "data" / ".cache").mkdir(parents=True)
-    shutil.copy(data.DATA_ROOT / ".cache" / "gpt2.tiktoken", root / "data" / ".cache")  # the tokenizer, offline
+    shutil.copy(data.cache_dir() / "gpt2.tiktoken", root / "data" / ".cache")  # the tokenizer, offline
     server = Hub(root / "hub")
     server.models = {"tied": server.publish("tiny/tied"), "untied": server.publish("tiny/untied", tied=False, seed=1)}
     with pytest.MonkeyPatch.context() as mp:
@@ -118,6 +118,11 @@ def nanoft_logits(model, x):
     return model.lm_head(model.hidden_states(x))  # every position's logits
 
 
+def peft_over_its_base(folder: Path) -> PeftModel:
+    """What a user of an exported LoRA run loads: the base from folder/base, the adapter from folder."""
+    return PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(folder / "base"), folder).eval()
+
+
 def report(what: str, a: torch.Tensor, b: torch.Tensor) -> float:
     diff = (a - b).abs().max().item()
     print(f"\n{what}: max |logit difference| = {diff:.2e}")
@@ -131,7 +136,7 @@ def report(what: str, a: torch.Tensor, b: torch.Tensor) -> float:
 def test_init_from_a_name_matches_transformers_logits_and_greedy_tokens(hub, layout, monkeypatch):
     online(monkeypatch)
     cfg = hf.resolve(Config(init_from=f"tiny/{layout}", block_size=1024, dropout=0.0))
-    assert Path(cfg.init_from) == data.DATA_ROOT / ".cache" / "hf" / f"tiny--{layout}" / "model.safetensors"
+    assert Path(cfg.init_from) == data.cache_dir() / "hf" / f"tiny--{layout}" / "model.safetensors"
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 32, 50257)
     assert cfg.block_size == 64 and cfg.tie_embeddings == (layout == "tied")  # capped at n_positions; the file's head
     model = load_pretrained(cfg, cfg.init_from).eval()
@@ -141,8 +146,8 @@ def test_init_from_a_name_matches_transformers_logits_and_greedy_tokens(hub, lay
     with torch.no_grad():
         report(f"GPT-2 by name -> nanoft vs transformers ({layout})", nanoft_logits(model, x), theirs(x).logits)
     prompt = ids(T=8, seed=1)[:1]
-    ours = torch.cat([t for t in model.generate(prompt, 24, temperature=0)], dim=1)
-    reference = theirs.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)[:, 8:]
+    ours = torch.cat([t for t in model.generate(prompt, 16, temperature=0)], dim=1)
+    reference = theirs.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[:, 8:]
     assert torch.equal(ours, reference)
 
 
@@ -162,7 +167,7 @@ def test_download_checks_the_published_sha256_follows_a_rename_and_caches(hub, m
     hub.etags["tiny/corrupt"] = "0" * 64  # the published checksum disagrees with the bytes
     with pytest.raises(ValueError, match="sha256 mismatch"):
         hf.fetch("tiny/corrupt")
-    cached = data.DATA_ROOT / ".cache/hf/tiny--corrupt"
+    cached = data.cache_dir() / "hf" / "tiny--corrupt"
     assert (cached / "model.safetensors.bad").exists() and not (cached / "model.safetensors").exists()  # set aside
     with pytest.raises(ValueError, match="no GPT-2 of that name on the Hub.*404"):
         hf.fetch("tiny/missing")
@@ -176,7 +181,7 @@ def test_download_checks_the_published_sha256_follows_a_rename_and_caches(hub, m
     ({"add_cross_attention": True}, "add_cross_attention=True is not supported"),
     ({"model_type": "llama"}, "model_type 'llama' is not 'gpt2'"),
 ])
-def test_settings_nanoft_does_not_compute_are_refused_in_one_line_before_the_weights(hub, setting, message, monkeypatch):
+def test_what_nanoft_does_not_compute_is_refused_in_one_line_before_the_weights(hub, setting, message, monkeypatch):
     online(monkeypatch)
     repo = "bad/" + next(iter(setting))
     (hub.root / repo).mkdir(parents=True, exist_ok=True)
@@ -192,12 +197,12 @@ def test_settings_nanoft_does_not_compute_are_refused_in_one_line_before_the_wei
 def test_a_bare_untied_file_is_loaded_untied_never_replaced(hub, tmp_path):
     shutil.copy(hub.root / "tiny/untied/model.safetensors", tmp_path)  # no config.json beside it
     path = str(tmp_path / "model.safetensors")
-    cfg = hf.resolve(Config(init_from=path, n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64, dropout=0.0))
+    cfg = hf.resolve(Config(init_from=path, n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
     assert not cfg.tie_embeddings  # the file has its own head
     x = ids()
     with torch.no_grad():
-        report("bare untied model.safetensors -> nanoft vs transformers", nanoft_logits(load_pretrained(cfg, path).eval(), x),
-               hub.models["untied"](x).logits)
+        ours = nanoft_logits(load_pretrained(cfg, path).eval(), x)
+        report("bare untied model.safetensors -> nanoft vs transformers", ours, hub.models["untied"](x).logits)
     with pytest.raises(ValueError, match="untied head"):
         load_pretrained(dataclasses.replace(cfg, tie_embeddings=True), path)
 
@@ -211,7 +216,7 @@ def test_train_py_and_sample_py_take_a_name_and_a_lora_run_exports_to_peft_and_b
     online(monkeypatch)
     hf.fetch("tiny/tied")  # then offline, as conftest has it: train.py and sample.py find the name in the cache
     monkeypatch.setenv("NANOFT_OFFLINE", "1")
-    pairs = [{"prompt": f"Who says line {i}?", "response": f" SPEAKER {i % 3}"} for i in range(24)]
+    pairs = [{"prompt": f"Who says line {i}?", "response": f" SPEAKER {i % 3}"} for i in range(16)]
     sft = write_sft_jsonl(pairs, tmp_path / "pairs.jsonl")
     train.main(["configs/lora.py", "--init_from=tiny/tied", f"--out_dir={tmp_path / 'lora'}", f"--sft_data={sft}",
                 "--max_iters=3", "--batch_size=4", "--eval_iters=1", "--eval_interval=3", "--log_interval=1",
@@ -223,7 +228,7 @@ def test_train_py_and_sample_py_take_a_name_and_a_lora_run_exports_to_peft_and_b
     ours = sample.load_model(str(tmp_path / "lora")).eval()
 
     export(str(tmp_path / "lora"), str(tmp_path / "lora-hf"))
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "lora-hf" / "base"), tmp_path / "lora-hf").eval()
+    peft_model = peft_over_its_base(tmp_path / "lora-hf")
     x = ids()
     with torch.no_grad():
         report("nanoft LoRA (q, v, fc_out + norms) -> peft", nanoft_logits(ours, x), peft_model(x).logits)
@@ -231,13 +236,15 @@ def test_train_py_and_sample_py_take_a_name_and_a_lora_run_exports_to_peft_and_b
     back = checkpoint.load(tmp_path / "lora-back")
     assert set(back.model) == set(ck.model) and all(torch.equal(back.model[k], ck.model[k].float()) for k in ck.model)
 
-    monkeypatch.setattr(sys, "argv", ["sample.py", "tiny/tied", "--prompt=Who says", "--max_new_tokens=12", "--temperature=0"])
+    argv = ["sample.py", "tiny/tied", "--prompt=Who says", "--max_new_tokens=12", "--temperature=0"]
+    monkeypatch.setattr(sys, "argv", argv)
     capsys.readouterr()
     sample.main()  # a name, from the cache now
-    enc = data.get_tokenizer()
-    prompt = torch.tensor([enc.encode("Who says")])
-    greedy = hub.models["tied"].generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(b"".join(map(enc.decode_single_token_bytes, greedy)))
+    enc = sample.get_tokenizer()
+    prompt = torch.tensor([enc.encode("Who says")])  # 2 tokens
+    greedy = hub.models["tied"].generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 2:].tolist()
+    streamed = b"".join(map(enc.decode_single_token_bytes, greedy))
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(streamed)
     assert capsys.readouterr().out == "Who says" + text + "\n"  # transformers' greedy tokens, as sample.py streams them
 
 
@@ -270,9 +277,19 @@ def lora_checkpoint(base: str, out: Path, **keys) -> Config:
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    extra = {"adapter": adapter_config(cfg, cfg.init_from)}
     checkpoint.save(out, checkpoint.Checkpoint(step=1, config=cfg.to_dict(), model=adapter_state_dict(model),
-                                               base_from=cfg.init_from, extra={"adapter": adapter_config(cfg, cfg.init_from)}))
+                                               base_from=cfg.init_from, extra=extra))
     return cfg
+
+
+def float32_lora_model(out_dir: Path):
+    """An adapter checkpoint's model as sample.py builds it, in float32 (dtype "auto" may pick bf16 on this CPU)."""
+    ck = checkpoint.load(out_dir)
+    cfg = dataclasses.replace(Config.from_dict(ck.config), dtype="float32")
+    model = apply_lora(load_pretrained(cfg, ck.base_from), cfg)
+    load_adapter_state_dict(model, ck.model)
+    return model.eval()
 
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
@@ -281,15 +298,16 @@ def test_every_target_folds_exactly_into_peft_and_back(hub, tmp_path, monkeypatc
 
     online(monkeypatch)
     all_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
-    lora_checkpoint("tiny/untied", tmp_path / "run", finetune=finetune, lora_r=4, lora_alpha=12.0, lora_targets=all_targets)
+    lora_checkpoint("tiny/untied", tmp_path / "run", finetune=finetune, lora_r=4, lora_alpha=12.0,
+                    lora_targets=all_targets)
     export(str(tmp_path / "run"), str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"c_attn": 12} and config["alpha_pattern"] == {"c_attn": 36.0}  # 3 r, 3 alpha
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "hf" / "base"), tmp_path / "hf").eval()
+    peft_model = peft_over_its_base(tmp_path / "hf")
     x = ids()
     with torch.no_grad():  # QLoRA: the base was written as the adapter saw it, NF4 round-tripped
-        report(f"nanoft {finetune} (all six targets, untied head) -> peft", nanoft_logits(sample.load_model(str(tmp_path / "run")).eval(), x),
-               peft_model(x).logits)
+        ours = nanoft_logits(sample.load_model(str(tmp_path / "run")).eval(), x)
+        report(f"nanoft {finetune} (all six targets, untied head) -> peft", ours, peft_model(x).logits)
     import_peft(str(tmp_path / "hf"), str(tmp_path / "back"))  # the base it names: the exported one
     before, after = checkpoint.load(tmp_path / "run"), checkpoint.load(tmp_path / "back")
     assert after.config["lora_targets"] == list(all_targets) and after.config["lora_r"] == 4
@@ -297,8 +315,6 @@ def test_every_target_folds_exactly_into_peft_and_back(hub, tmp_path, monkeypatc
 
 
 def test_an_adapter_trained_with_peft_imports_into_nanoft(hub, tmp_path, monkeypatch):
-    import sample
-
     online(monkeypatch)
     base = GPT2LMHeadModel.from_pretrained(hub.root / "tiny/tied")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
@@ -314,8 +330,8 @@ def test_an_adapter_trained_with_peft_imports_into_nanoft(hub, tmp_path, monkeyp
     assert ck.config["lora_targets"] == ["q_proj", "k_proj", "v_proj", "fc_out"] and ck.config["lora_r"] == 6
     x = ids()
     with torch.no_grad():
-        report("peft LoRA (c_attn r=6, mlp.c_proj r=4) -> nanoft", nanoft_logits(sample.load_model(str(tmp_path / "nano")).eval(), x),
-               peft_model.eval()(x).logits)
+        ours = nanoft_logits(float32_lora_model(tmp_path / "nano"), x)
+        report("peft LoRA (c_attn r=6, mlp.c_proj r=4) -> nanoft", ours, peft_model.eval()(x).logits)
 
     for bad, message in (({"use_dora": True}, "use_dora=True has no nanoft equivalent"),
                          ({"alpha_pattern": {"c_attn": 99}}, "scales alpha/r differ")):
