@@ -1,5 +1,6 @@
 """GPT.generate with its KV cache against the path without one (use_cache=False: the whole cropped window
 recomputed for every token, the reference), before and after the sequence reaches block_size."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from nanoft.config import Config
 from nanoft.tokenizer import get_tokenizer
 from nanoft.lora import LoRALinear
 from nanoft.model import GPT, KVCache
+from nanoft.prefix import apply_prefix
 from nanoft.quant import Linear4bit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,21 @@ def test_the_cache_runs_through_lora_and_qlora_layers():
     after = greedy(base, prompt, 40, use_cache=True)
     assert after == greedy(base, prompt, 40, use_cache=False)
     assert after != before  # the adapters change what is generated, so they were on the path
+
+
+def test_the_cache_keeps_prefix_tunings_keys_before_the_sequence():
+    """Prefix tuning puts P trained keys/values before the cached ones; every query sees them all."""
+    model = model_with_distinct_tokens()
+    prompt = torch.randint(0, CFG.vocab_size, (1, 4), generator=torch.Generator().manual_seed(8))
+    before = greedy(model, prompt, 40, use_cache=False)
+    apply_prefix(model, dataclasses.replace(CFG, prefix_len=3), torch.float32, reparameterise=False)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for p in model.prefix.parameters():
+            p.normal_(std=3.0)  # trained prefixes, not the initial ones
+    after = greedy(model, prompt, 40, use_cache=True)
+    assert after == greedy(model, prompt, 40, use_cache=False)
+    assert after != before
 
 
 def test_sample_py_streams_the_tokens_of_the_uncached_path(tmp_path):
