@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanoft import checkpoint, data, hf
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
 from nanoft.config import Config
 from nanoft.export import export, import_peft
+from nanoft.export import main as export_main
 from nanoft.model import load_pretrained
 from nanoft.sft import write_sft_jsonl
 
@@ -265,8 +267,8 @@ def test_a_full_model_exports_to_transformers_and_reads_back_exactly(hub, tmp_pa
     again = hf.resolve(Config(init_from=str(tmp_path / "out")))  # the exported folder is a GPT-2 source itself
     assert all(torch.equal(a, b) for a, b in zip(load_pretrained(again, again.init_from).state_dict().values(),
                                                  model.state_dict().values()))
-    with pytest.raises(ValueError, match="not empty"):
-        export(str(tmp_path / "run"), str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=r"^error: --to .* is not empty; pick another folder, or --overwrite"):
+        export_main([str(tmp_path / "run"), "--to", str(tmp_path / "out")])  # the command: one line, exit code 1
 
 
 def lora_checkpoint(base: str, out: Path, **keys) -> Config:
@@ -333,10 +335,13 @@ def test_an_adapter_trained_with_peft_imports_into_nanoft(hub, tmp_path, monkeyp
         ours = nanoft_logits(float32_lora_model(tmp_path / "nano"), x)
         report("peft LoRA (c_attn r=6, mlp.c_proj r=4) -> nanoft", ours, peft_model.eval()(x).logits)
 
-    for bad, message in (({"use_dora": True}, "use_dora=True has no nanoft equivalent"),
-                         ({"alpha_pattern": {"c_attn": 99}}, "scales alpha/r differ")):
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    embedding = {"base_model.model.transformer.wte.lora_embedding_A": torch.zeros(4, 50257)}
+    for bad, extra, message in (({"use_dora": True}, {}, "use_dora=True has no nanoft equivalent"),
+                                ({"alpha_pattern": {"c_attn": 99}}, {}, "scales alpha/r differ"),
+                                ({}, embedding, "transformer.wte.lora_embedding_A has no place in nanoft's LoRA")):
         (tmp_path / "bad").mkdir(exist_ok=True)
-        shutil.copy(tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "bad")
+        save_file({**tensors, **extra}, str(tmp_path / "bad" / "adapter_model.safetensors"))
         cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
         (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, **bad}))
         with pytest.raises(ValueError, match=message):
