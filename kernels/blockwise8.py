@@ -266,12 +266,17 @@ def quantize_blockwise8_reference(x: Tensor, code: Tensor, blocksize: int) -> tu
     read from the lookup table. tests/test_blockwise8.py checks this against the plain argmin over the codes."""
     blocks, n = padded_blocks(x, blocksize)  # (num_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
+    return quantize_blocks(blocks, absmax, code).reshape(-1)[:n].view(x.shape), absmax
+
+
+def quantize_blocks(blocks: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
+    """Codes of float32 `blocks` (num_blocks, blocksize) given each block's absmax: the grid rule above.
+    (The FSDP optimizer calls it with maxima taken across ranks: nanoft.optim.sharded.)"""
     inv = 1.0 / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     j = (((v + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, as the C cast does
     q = quantize_lut(code)[j]
-    q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)
-    return q.reshape(-1)[:n].view(x.shape), absmax
+    return torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)
 
 
 def dequantize_blockwise8_reference(

@@ -53,12 +53,9 @@ from torch import Tensor, nn
 
 from nanoft import checkpoint
 
-# Optimizers that work on sharded parameters. torch.optim.AdamW is element-wise and DTensor-aware: each
-# rank updates its own shard. The others compute over whole tensors, not per element: adamw8bit and
-# paged_adamw8bit quantize state in blocks of the flattened full tensor, the paged ones page whole state
-# tensors between host and GPU, and Adafactor keeps row and column statistics of the full matrix. Given
-# shards, each stops at its first step with "got mixed torch.Tensor and DTensor"; check_fsdp says why instead.
-FSDP_OPTIMIZERS = ("adamw",)
+# Every optimizer takes sharded parameters: torch.optim.AdamW is element-wise and DTensor-aware; nanoft's own
+# compute over whole tensors (8-bit blocks, Adafactor's row and column statistics) and do that across the
+# ranks' shards (nanoft.optim.sharded), so the gathered state is the one a single process has.
 FSDP_FINETUNE = ("none", "full")  # LoRA/QLoRA train a small adapter: DDP is the tool for them
 
 
@@ -82,10 +79,6 @@ def check_fsdp(cfg) -> None:
     """A one-line ValueError for what sharded training does not support, before any work is done."""
     if not cfg.fsdp:
         return
-    if cfg.optimizer not in FSDP_OPTIMIZERS:
-        raise ValueError(
-            f"fsdp=True supports optimizer={' or '.join(FSDP_OPTIMIZERS)}, not {cfg.optimizer}: its state is "
-            f"computed over whole tensors, and fsdp gives each rank a shard (use DDP, fsdp=False, for {cfg.optimizer})")
     if cfg.finetune not in FSDP_FINETUNE:
         raise ValueError(f"fsdp=True supports finetune=none or full, not {cfg.finetune}: "
                          "adapters are small, train them with DDP (fsdp=False)")

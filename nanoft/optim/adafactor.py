@@ -17,6 +17,10 @@ its row and column statistics, R (n values) and C (m values), and rebuilds a ran
 Tensors of one dimension (biases, LayerNorm) keep a full second moment V_t = beta2_t V + (1 - beta2_t)(G^2 + eps1).
 Tensors of more dimensions are factored over their last two: state for an n x m matrix is n + m values.
 
+Under FSDP2 each rank holds some rows of X, G and R (and all of C); the means over rows (C's update, mean(R))
+and the RMS values are sums over the whole tensor, all-reduced across ranks (nanoft.optim.sharded), so the step
+equals one process's up to the order of those sums. Sharded parameters of more than two dimensions are refused.
+
 The argument names, defaults and the order of operations follow the Hugging Face transformers implementation
 whose documented setting this reproduces (`Adafactor(params, lr=None, relative_step=True, ...)`). Note the training loop
 sets `group["lr"]` every step: with `relative_step=True` that value is ignored, because the step size then
@@ -30,11 +34,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from torch.distributed.tensor import DTensor
+
+from nanoft.optim.sharded import Part, gather_states, global_sum, local_state, part_of
 from nanoft.optim.state import load_state_exact
 
 
-def _rms(x: Tensor) -> Tensor:
-    return x.norm(2) / math.sqrt(x.numel())
+def _rms(x: Tensor, part: Part | None = None) -> Tensor:
+    """Root mean square of a whole tensor, or of the tensor whose shard on this rank x is."""
+    if part is None:
+        return x.norm(2) / math.sqrt(x.numel())
+    return global_sum(x.float().pow(2).sum(), part).sqrt() / math.sqrt(part.shape.numel())
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -67,18 +77,22 @@ class Adafactor(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _step_size(group: dict, step: int, param: Tensor) -> float:
+    def _step_size(group: dict, step: int, param: Tensor, part: Part | None) -> float:
         """rho_t, times the parameter's RMS when scale_parameter (Section 8 of the paper)."""
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             rho = min(min_step, 1.0 / math.sqrt(step))
         else:
             rho = group["lr"]
-        scale = max(group["eps"][1], _rms(param).item()) if group["scale_parameter"] else 1.0  # a sync point on GPU
+        scale = max(group["eps"][1], _rms(param, part).item()) if group["scale_parameter"] else 1.0  # a sync point on GPU
         return scale * rho
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state: dict = {"step": 0}
+        if isinstance(p, DTensor):
+            if p.dim() > 2:
+                raise ValueError(f"Adafactor under FSDP takes parameters of 1 or 2 dimensions, got {tuple(p.shape)}")
+            p = p.to_local()  # this rank's rows: R and the full-size states are kept for them only
         if p.dim() >= 2:  # factored over the last two dimensions
             state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
             state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device)
@@ -106,20 +120,25 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: Tensor, state: dict, group: dict) -> None:
-        grad = p.grad.float()  # statistics in fp32 whatever the parameter dtype
+        part = part_of(p)  # None unless p is an FSDP2 shard
+        grad = p.grad.float() if part is None else p.grad.to_local().float()  # statistics in fp32 always
+        p = p if part is None else p.to_local()
         p32 = p if p.dtype == torch.float32 else p.float()
         state["step"] += 1
         t = state["step"]
-        step_size = self._step_size(group, t, p32)
+        step_size = self._step_size(group, t, p32, part)
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
 
         update = grad * grad + group["eps"][0]  # G^2 + eps1
         if p.dim() >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)  # (..., n)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)  # (..., m)
+            col_mean = update.mean(dim=-2) if part is None else global_sum(update.sum(dim=0), part) / part.shape[0]
+            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)  # (..., m)
+            row_mean = (row.mean(dim=-1, keepdim=True) if part is None
+                        else global_sum(row.sum(dim=-1, keepdim=True), part) / part.shape[0])
             # 1 / sqrt(V) = rsqrt(R / mean(R)) (..., n, 1) * rsqrt(C) (..., 1, m); V itself is never stored
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor).mul_(grad)
         else:
@@ -127,7 +146,7 @@ class Adafactor(torch.optim.Optimizer):
             v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
             update = v.rsqrt().mul_(grad)
 
-        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))  # update clipping
+        update.div_((_rms(update, part) / group["clip_threshold"]).clamp_(min=1.0))  # update clipping
         update.mul_(step_size)
         if group["beta1"] is not None:
             m = state["exp_avg"]
@@ -140,5 +159,14 @@ class Adafactor(torch.optim.Optimizer):
             p.copy_(p32)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but states keep their saved float32 dtype (torch would cast them to the param's)."""
-        load_state_exact(self, state_dict, lambda p, t: t.to(device=p.device, copy=True))
+        """As torch's, but states keep their saved float32 dtype (torch would cast them to the param's); under
+        FSDP2 each rank keeps its part of the whole saved states."""
+        def place(p: Tensor, name: str, t: Tensor) -> Tensor:
+            t = local_state(name, t, p, part_of(p)) if isinstance(p, DTensor) else t
+            return t.to(device=p.device, copy=True)
+
+        load_state_exact(self, state_dict, place)
+
+    def state_dict(self) -> dict:
+        """As torch's; under FSDP2 every state is gathered whole (every rank must call), as one process has it."""
+        return gather_states(self, super().state_dict())

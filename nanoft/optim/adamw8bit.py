@@ -33,7 +33,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from torch.distributed.tensor import DTensor
+
 from nanoft.kernels.adamw8bit import BLOCKSIZE, adamw8bit_update_
+from nanoft.optim.sharded import adamw8bit_part_update_, gather_states, local_layout, local_state, part_of
 from nanoft.optim.state import loaded_pairs
 
 REFERENCE_CHUNK = 1 << 20  # elements per 8-bit update call on the CPU (a multiple of BLOCKSIZE)
@@ -125,11 +128,11 @@ class AdamW8bit(torch.optim.Optimizer):
         return p.numel() >= self.min_8bit_size
 
     def state_layout(self, p: Tensor) -> Layout:
-        """The state tensors `p` gets: name -> (shape, dtype)."""
-        shape = tuple(p.shape)
+        """The state tensors `p` gets: name -> (shape, dtype); for an FSDP2 shard, this rank's part of them
+        (nanoft.optim.sharded). Whether they are 8-bit is decided by the whole tensor's numel."""
+        shape, n_blocks = local_layout(p, part_of(p))
         if not self.uses_8bit(p):
             return {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
-        n_blocks = -(-p.numel() // BLOCKSIZE)
         return {"exp_avg_codes": (shape, torch.uint8), "exp_avg_absmax": ((n_blocks,), torch.float32),
                 "exp_avg_sq_codes": (shape, torch.uint8), "exp_avg_sq_absmax": ((n_blocks,), torch.float32)}
 
@@ -147,7 +150,9 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._apply(self._gather())
+        work = self._gather()
+        self._apply([w for w in work if not isinstance(w[0], DTensor)])
+        self._apply_sharded([w for w in work if isinstance(w[0], DTensor)])
         return loss
 
     def _gather(self) -> list[tuple[Tensor, Tensor, dict, dict]]:
@@ -184,6 +189,23 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._update_8bit(p, g, state, state["step"], group)
         for (_, device), (group, ps, gs, ms, vs, steps) in buckets.items():
             adamw_32bit_(ps, gs, ms, vs, steps, **self._hyper(group), fused=self._fused_on(device))
+
+    def _apply_sharded(self, work: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
+        """FSDP2 shards, one tensor at a time: 32-bit states element-wise on the local rows, 8-bit ones with the
+        block maxima shared between ranks (nanoft.optim.sharded). States kept in host memory (the paged
+        subclass on CUDA) visit the device for the update; where they already are, nothing is copied."""
+        for p, g, state, group in work:
+            local, grad = p.to_local(), g.to_local()
+            held = {name: t for name, t in state.items() if isinstance(t, Tensor)}
+            states = {name: t.to(local.device, non_blocking=True) for name, t in held.items()}
+            if "exp_avg" in states:
+                adamw_32bit_([local], [grad], [states["exp_avg"]], [states["exp_avg_sq"]], [state["step"]],
+                             **self._hyper(group), fused=self._fused_on(local.device))
+            else:
+                adamw8bit_part_update_(local, grad, states, part_of(p), step=state["step"], **self._hyper(group))
+            for name, t in held.items():
+                if states[name] is not t:
+                    t.copy_(states[name])
 
     def _fused_on(self, device: torch.device) -> bool:
         return self.fused if self.fused is not None else device.type == "cuda"
@@ -222,13 +244,18 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor comes back with its saved dtype, where this optimizer keeps it."""
-        pairs = loaded_pairs(self, state_dict)
+        pairs = [(p, {name: local_state(name, value, p, part_of(p)) for name, value in saved.items()}
+                  if isinstance(p, DTensor) else saved) for p, saved in loaded_pairs(self, state_dict)]
         layouts = [(p, {name: (tuple(t.shape), t.dtype) for name, t in saved.items() if isinstance(t, Tensor)})
                    for p, saved in pairs]
         for (p, saved), fresh in zip(pairs, self._allocate(layouts)):
             for name, t in fresh.items():
                 t.copy_(saved[name])
             self.state[p] = {name: fresh.get(name, value) for name, value in saved.items()}
+
+    def state_dict(self) -> dict:
+        """As torch's; under FSDP2 every state is gathered whole (every rank must call), as one process has it."""
+        return gather_states(self, super().state_dict())
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (the memory this optimizer adds to training)."""

@@ -23,9 +23,9 @@ def loaded_pairs(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tup
 
 
 def load_state_exact(optimizer: torch.optim.Optimizer, state_dict: dict,
-                     place: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """Load `state_dict` with every state tensor kept in its saved dtype: `place(param, saved_tensor)` puts a
-    copy of it where this optimizer keeps it (the loaded dict may be reused)."""
+                     place: Callable[[Tensor, str, Tensor], Tensor]) -> None:
+    """Load `state_dict` with every state tensor kept in its saved dtype: `place(param, name, saved_tensor)`
+    puts a copy of it where this optimizer keeps it (the loaded dict may be reused)."""
     for p, saved in loaded_pairs(optimizer, state_dict):
-        optimizer.state[p] = {name: place(p, value) if isinstance(value, Tensor) else value
+        optimizer.state[p] = {name: place(p, name, value) if isinstance(value, Tensor) else value
                               for name, value in saved.items()}
