@@ -76,6 +76,27 @@ def test_paged_states_are_one_host_arena_of_exactly_their_size(cls):
                     assert t.device == p.device and t.untyped_storage().data_ptr() != arena.data_ptr()
 
 
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_cpu_paging_copies_nothing(cls):
+    """On the CPU the host is the device: a step updates the pages where they live, with no copy or clone of any
+    tensor (every aten op of the step is recorded below the Python layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+    opt = cls(model.parameters(), **HP, page_size=768, min_paged_size=1)
+    _train(model, opt, steps=1)  # the states exist
+    model(torch.randn(8, 100)).pow(2).mean().backward()
+    ops = []
+    with Record():
+        opt.step()
+    assert ops and not {"copy_", "_to_copy", "clone", "contiguous"} & set(ops), sorted(set(ops))
+
+
 def test_paged_states_live_on_the_host():
     model = _model()
     opt = PagedAdamW8bit(model.parameters(), min_8bit_size=2000, page_size=256)
