@@ -35,6 +35,9 @@ rejected with a ValueError (the reference would otherwise produce garbage codes 
 On CUDA, bitsandbytes' own kernels multiply by the reciprocal in the tail block too, and its 8-bit nested
 quantizer searches the code table instead of using the CPU's lookup grid; we follow the CPU package (the one
 these tests can run), so a CUDA bitsandbytes output may differ from ours in those rare elements.
+
+Backends: backend="auto" runs the Triton kernels below on CUDA and the C kernel of kernels/nf4_cpu.py on the
+CPU (the reference where no C compiler works); "triton" and "torch" force the kernel or the reference.
 """
 import math
 from dataclasses import dataclass, replace
@@ -53,6 +56,7 @@ from .blockwise8 import (
     quantize_blockwise8,
     store_rounded,
 )
+from . import nf4_cpu
 
 NF4_VALUES = [  # bitsandbytes/functional.py get_4bit_type("nf4"): sorted, index 7 is exactly 0
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -208,6 +212,17 @@ def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return _TABLES[key]
 
 
+def fast_cpu(backend: str, device: torch.device) -> bool:
+    """"auto" on the CPU takes the C kernel of kernels/nf4_cpu.py where it builds; "torch" keeps the reference,
+    to read or to test against."""
+    return backend == "auto" and device.type == "cpu" and nf4_cpu.available()
+
+
+def _require_finite(t: Tensor) -> None:
+    if not torch.isfinite(t).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
+        raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Wrappers
 
@@ -220,8 +235,9 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
     x = x.detach()  # weights are quantized, never differentiated through
-    if not torch.isfinite(x).all():  # one pass and a CPU-GPU sync: fine for a one-off weight quantization
-        raise ValueError("x contains NaN or inf; NF4 blocks need a finite absmax")
+    cpu_kernel = fast_cpu(backend, x.device)
+    if not cpu_kernel:
+        _require_finite(x)
     _, bounds, _ = _nf4_tables(x.device)
     if use_triton(backend, x.device):
         flat = x.reshape(-1).contiguous()  # copies only a non-contiguous input
@@ -235,6 +251,14 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
             FLOOR=ABSMAX_FLOOR,
             enable_fp_fusion=False,
         )
+    elif cpu_kernel:
+        flat = x.reshape(-1).contiguous()
+        full = flat.numel() // blocksize * blocksize  # whole blocks: the C kernel; a short last one: the reference
+        packed, absmax = nf4_cpu.quantize_nf4_cpu(flat[:full], blocksize, bounds, ABSMAX_FLOOR)
+        if full < flat.numel():
+            tail_packed, tail_absmax = quantize_nf4_reference(flat[full:], blocksize, bounds)
+            packed, absmax = torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
+        _require_finite(absmax)  # a NaN or inf anywhere in x shows in its block's absmax: no second pass over x
     else:
         packed, absmax = quantize_nf4_reference(x, blocksize, bounds)
     state = NF4State(packed=packed, absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize)
@@ -276,6 +300,8 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     nf4, _, pairs = _nf4_tables(q.device)
+    if fast_cpu(backend, q.device):
+        return _dequantize_on_cpu(q, dtype, nf4, pairs)
     if not use_triton(backend, q.device):
         return dequantize_nf4_reference(q, dtype, nf4)
     n = q.numel
@@ -290,6 +316,19 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, BYTES=DEQUANT_BYTES,
         OUT_BF16=dtype == torch.bfloat16, num_warps=DEQUANT_WARPS, enable_fp_fusion=False,
     )
+    return out.view(q.shape)
+
+
+def _dequantize_on_cpu(q: NF4State, dtype: torch.dtype, nf4: Tensor, pairs: Tensor) -> Tensor:
+    """The C kernel of kernels/nf4_cpu.py for the whole blocks; a short last block by the reference's formula."""
+    n, bs = q.numel, q.blocksize
+    full = n // bs * bs
+    absmax = absmax_float(q).contiguous()  # float32 [num_blocks]
+    out = torch.empty(n, dtype=dtype)
+    nf4_cpu.dequantize_nf4_cpu(q.packed.contiguous(), absmax[: full // bs], bs, nf4, out)  # out[:full]
+    if full < n:
+        tail = pairs.index_select(0, q.packed[full // 2:].int()).view(torch.float32)[: n - full]
+        out[full:] = (tail * absmax[-1]).to(dtype)
     return out.view(q.shape)
 
 

@@ -27,7 +27,7 @@ from nanoft.kernels import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "auto"]  # auto: the C kernel on the CPU (kernels/nf4_cpu.py)
 
 
 def quantize(x, blocksize=64, double_quant=False, backend="auto"):

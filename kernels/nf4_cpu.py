@@ -1,0 +1,239 @@
+"""NF4 quantize and dequantize on the CPU: kernels/nf4.py's reference, as a small C kernel.
+
+Same inputs, same bytes out: tests/test_nf4_cpu.py holds it to the reference and to bitsandbytes. Why C:
+the reference is several whole-tensor PyTorch ops (a gather, a multiply, a cast, each through fresh memory),
+and every reformulation in PyTorch we measured stays 4-8x short of bitsandbytes' C++ kernel; torch.compile
+(inductor's CPU backend) turned the table lookup into scalar code slower than eager (bench/NOTES_nf4.md).
+What a CPU does well here is what the Triton kernel does on a GPU: one pass, the 16 NF4 values in registers.
+
+Dequantize, per block of `blocksize` elements with float32 absmax `a`:
+
+    table[k] = NF4[k] * a            16 float32 products: every output of the block is one of them
+    out[2j]  = table[byte_j >> 4]    element 2j sits in the high nibble of packed byte j
+    out[2j+1] = table[byte_j & 15]   rounded once to the output dtype (nearest even), as `.to(dtype)` does
+
+With AVX-512 (compiled for this CPU with -march=native) 16 bytes become 32 outputs in a few instructions:
+`vpermps` looks up 16 nibbles in the 16-entry table held in one register, and `vpermt2ps` interleaves the
+high and low nibbles' values. Without it, the same loop in plain C.
+
+Quantize, per block (as bitsandbytes' CPU path): absmax = max |x|, y = clamp(x * (1 / max(absmax, floor)),
+-1, 1), code = #{NF4 midpoints < y} (15 compares), two codes per byte. Only whole blocks come here: a short
+last block goes through the reference, which knows bitsandbytes' rules for it.
+
+The C source below is compiled once per machine with the system C compiler (as torch.compile does for its
+CPU kernels) into ~/.cache/nanoft (NANOFT_CACHE overrides) and loaded with ctypes. Without a working
+compiler `available()` is False and nanoft uses the reference (with one warning). Large tensors are split
+into one range of blocks per torch thread (torch.get_num_threads()); ctypes releases the GIL during a call.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: every product rounded alone
+SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* float32 -> bfloat16 bits, rounding to nearest even (torch's rule; a NaN becomes 0x7fc0) */
+static uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static float bf16_value(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#ifdef __AVX512F__
+static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+}
+#define STORE_f32(o, v) _mm512_storeu_ps((o), (v))
+#define STORE_f16(o, v) \
+    _mm256_storeu_si256((__m256i *)(o), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#define STORE_bf16(o, v) _mm256_storeu_si256((__m256i *)(o), _mm512_cvtepi32_epi16(bf16_bits16(v)))
+
+/* blocks [first, last); blocksize / 2 is a multiple of 16 (blocksize >= 32) */
+#define DEQUANTIZE(SUFFIX, T, CONVERT)                                                                       \
+    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const float *nf4, T *out,          \
+                             int64_t blocksize, int64_t first, int64_t last) {                              \
+        const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);     \
+        const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);\
+        const __m512 values = _mm512_loadu_ps(nf4);                                                        \
+        for (int64_t b = first; b < last; b++) {                                                           \
+            const __m512 table = _mm512_mul_ps(values, _mm512_set1_ps(absmax[b]));                         \
+            const uint8_t *p = packed + b * (blocksize / 2);                                               \
+            T *o = out + b * blocksize;                                                                    \
+            for (int64_t j = 0; j < blocksize / 2; j += 16) {                                              \
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));           \
+                __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);                   \
+                __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table); \
+                STORE_##SUFFIX(o + 2 * j, _mm512_permutex2var_ps(high, even, low));                        \
+                STORE_##SUFFIX(o + 2 * j + 16, _mm512_permutex2var_ps(high, odd, low));                    \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+#else
+#define DEQUANTIZE(SUFFIX, T, CONVERT)                                                                       \
+    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const float *nf4, T *out,          \
+                             int64_t blocksize, int64_t first, int64_t last) {                              \
+        for (int64_t b = first; b < last; b++) {                                                           \
+            T table[16];                                                                                   \
+            for (int k = 0; k < 16; k++) table[k] = CONVERT(nf4[k] * absmax[b]);                           \
+            const uint8_t *p = packed + b * (blocksize / 2);                                               \
+            T *o = out + b * blocksize;                                                                    \
+            for (int64_t j = 0; j < blocksize / 2; j++) {                                                  \
+                o[2 * j] = table[p[j] >> 4];                                                               \
+                o[2 * j + 1] = table[p[j] & 15];                                                           \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+#endif
+DEQUANTIZE(f32, float, (float))
+DEQUANTIZE(f16, _Float16, (_Float16))
+DEQUANTIZE(bf16, uint16_t, bf16_bits)
+
+/* blocks [first, last). absmax is NaN if the block holds a NaN (the caller rejects it), inf for an inf */
+#define QUANTIZE(SUFFIX, T, TO_FLOAT)                                                                        \
+    void quantize_##SUFFIX(const T *x, const float *midpoints, float floor, uint8_t *packed, float *absmax,  \
+                           int64_t blocksize, int64_t first, int64_t last) {                                \
+        float y[4096];                                                                                     \
+        uint8_t code[4096];                                                                                \
+        for (int64_t b = first; b < last; b++) {                                                           \
+            float m = 0.0f;                                                                                \
+            for (int64_t i = 0; i < blocksize; i++) {                                                      \
+                y[i] = TO_FLOAT(x[b * blocksize + i]);                                                     \
+                float a = y[i] < 0.0f ? -y[i] : y[i];                                                      \
+                m = (a > m || a != a) ? a : m;                                                             \
+            }                                                                                              \
+            absmax[b] = m;                                                                                 \
+            const float inv = 1.0f / (m > floor ? m : floor);                                              \
+            for (int64_t i = 0; i < blocksize; i++) {                                                      \
+                float v = y[i] * inv;                                                                      \
+                v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);                                             \
+                uint8_t c = 0;                                                                             \
+                for (int k = 0; k < 15; k++) c += v > midpoints[k];                                        \
+                code[i] = c;                                                                               \
+            }                                                                                              \
+            for (int64_t j = 0; j < blocksize / 2; j++)                                                    \
+                packed[b * (blocksize / 2) + j] = (uint8_t)(code[2 * j] << 4 | code[2 * j + 1]);           \
+        }                                                                                                  \
+    }
+QUANTIZE(f32, float, (float))
+QUANTIZE(f16, _Float16, (float))
+QUANTIZE(bf16, uint16_t, bf16_value)
+"""
+
+_LIBRARY: list = []  # [the loaded library, or None when it cannot be built]: built on first use
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a cache built on one CPU must not load on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        import platform
+        return platform.machine() + platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256("\0".join([C_SOURCE, compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    cache = os.environ.get("NANOFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoft")
+    path = os.path.join(cache, f"nf4_cpu_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then one atomic rename
+            source, built = os.path.join(tmp, "nf4_cpu.c"), os.path.join(tmp, "nf4_cpu.so")
+            with open(source, "w") as f:
+                f.write(C_SOURCE)
+            run = subprocess.run([compiler, *FLAGS, source, "-o", built], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {(run.stderr.strip().splitlines() or ['?'])[0]}")
+            os.replace(built, path)
+    lib = ctypes.CDLL(path)
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for suffix in SUFFIX.values():
+        getattr(lib, f"dequantize_{suffix}").argtypes = [pointer] * 4 + [size] * 3
+        getattr(lib, f"quantize_{suffix}").argtypes = [pointer, pointer, ctypes.c_float, pointer, pointer] + [size] * 3
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    if not _LIBRARY:
+        try:
+            _LIBRARY.append(_build())
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"nanoft: NF4 on the CPU uses the slower PyTorch reference ({e})", stacklevel=3)
+            _LIBRARY.append(None)
+    return _LIBRARY[0]
+
+
+def available() -> bool:
+    """Whether the C kernel is built and loaded (building it on the first call)."""
+    return _library() is not None
+
+
+def in_threads(work: Callable[[int, int], None], num_blocks: int, blocksize: int) -> None:
+    """work(first, last) over contiguous ranges of range(num_blocks), one per torch thread (at least
+    ELEMENTS_PER_THREAD elements each); this thread runs the first range."""
+    threads = max(1, min(torch.get_num_threads(), num_blocks * blocksize // ELEMENTS_PER_THREAD))
+    cuts = [num_blocks * t // threads for t in range(threads + 1)]
+    if threads == 1:
+        work(0, num_blocks)
+        return
+    with ThreadPoolExecutor(threads - 1, thread_name_prefix="nanoft-nf4") as pool:
+        others = [pool.submit(work, cuts[t], cuts[t + 1]) for t in range(1, threads)]
+        work(cuts[0], cuts[1])
+        for future in others:
+            future.result()
+
+
+def quantize_nf4_cpu(flat: Tensor, blocksize: int, midpoints: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """The whole blocks of `flat` (1-D, contiguous): (packed uint8 [blocks * blocksize / 2], absmax float32
+    [blocks]), as the reference computes them; an absmax is NaN or inf where its block holds one."""
+    num_blocks = flat.numel() // blocksize
+    packed = torch.empty(num_blocks * blocksize // 2, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks, dtype=torch.float32)
+    kernel = getattr(_library(), f"quantize_{SUFFIX[flat.dtype]}")
+    args = (flat.data_ptr(), midpoints.data_ptr(), floor, packed.data_ptr(), absmax.data_ptr(), blocksize)
+    in_threads(lambda first, last: kernel(*args, first, last), num_blocks, blocksize)
+    return packed, absmax
+
+
+def dequantize_nf4_cpu(packed: Tensor, absmax: Tensor, blocksize: int, nf4: Tensor, out: Tensor) -> None:
+    """out[: len(absmax) * blocksize] (1-D, contiguous) = NF4[code] * absmax[block], rounded once to out's dtype,
+    for the whole blocks of `packed` (uint8, contiguous) with float32 `absmax` (contiguous)."""
+    if not (packed.numel() * 2 >= absmax.numel() * blocksize <= out.numel() and out.is_contiguous()):
+        raise ValueError("dequantize_nf4_cpu: packed or out is smaller than the blocks of absmax")  # C would overrun
+    kernel = getattr(_library(), f"dequantize_{SUFFIX[out.dtype]}")
+    args = (packed.data_ptr(), absmax.data_ptr(), nf4.data_ptr(), out.data_ptr(), blocksize)
+    in_threads(lambda first, last: kernel(*args, first, last), absmax.numel(), blocksize)
