@@ -173,18 +173,11 @@ def adamw8bit_update_reference_(
 ) -> None:
     """The readable specification: bitsandbytes' CPU 8-bit blockwise Adam update, in torch ops."""
     code1, code2 = dynamic_maps(p.device)
-    s = _scalars(step, lr, beta1, beta2, eps, weight_decay)
     m = dequantize_blockwise8(m_codes, m_absmax, code1, BLOCKSIZE, backend="torch")  # float32, p's shape
     v = dequantize_blockwise8(v_codes, v_absmax, code2, BLOCKSIZE, backend="torch")
-    grad = g.float()
     p32 = p.float()  # p itself when p is float32
-
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (v.sqrt() / s["correction2"]).add_(eps)
-    if weight_decay > 0.0:
-        p32.mul_(s["decay"])
-    p32.addcdiv_(m, denom, value=-lr / s["correction1"])
+    adamw_float32_(p32, g.float(), m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                   weight_decay=weight_decay)
     if p32 is not p:
         p.copy_(p32)
 
@@ -194,3 +187,16 @@ def adamw8bit_update_reference_(
     codes, absmax = quantize_blockwise8(v, code2, BLOCKSIZE, backend="torch")
     v_codes.copy_(codes)
     v_absmax.copy_(absmax)
+
+
+def adamw_float32_(p32: Tensor, grad: Tensor, m: Tensor, v: Tensor, *, step: int, lr: float, beta1: float,
+                   beta2: float, eps: float, weight_decay: float) -> None:
+    """The element-wise part of the reference, on float32 tensors in place: the order of operations (and so
+    the roundings) that the Triton kernel, the C loop and the FSDP shard update (nanoft.optim.sharded) keep."""
+    s = _scalars(step, lr, beta1, beta2, eps, weight_decay)
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (v.sqrt() / s["correction2"]).add_(eps)
+    if weight_decay > 0.0:
+        p32.mul_(s["decay"])
+    p32.addcdiv_(m, denom, value=-lr / s["correction1"])

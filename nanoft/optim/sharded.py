@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from nanoft.kernels.adamw8bit import BLOCKSIZE, dynamic_maps
+from nanoft.kernels.adamw8bit import BLOCKSIZE, adamw_float32_, dynamic_maps
 from nanoft.kernels.blockwise8 import quantize_blocks
 
 
@@ -137,15 +137,9 @@ def adamw8bit_part_update_(p: Tensor, g: Tensor, states: dict[str, Tensor], part
     block_of = (torch.arange(n, device=p.device) + lead) // BLOCKSIZE  # local block of each element
     m = code1[states["exp_avg_codes"].reshape(-1).long()] * states["exp_avg_absmax"][block_of]  # dequantize
     v = code2[states["exp_avg_sq_codes"].reshape(-1).long()] * states["exp_avg_sq_absmax"][block_of]
-    grad = g.reshape(-1).float()
     p32 = p.reshape(-1).float()  # a view of p itself when p is float32
-
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (v.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
-    if weight_decay > 0.0:
-        p32.mul_(1.0 - lr * weight_decay)
-    p32.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+    adamw_float32_(p32, g.reshape(-1).float(), m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                   weight_decay=weight_decay)
     if p32.data_ptr() != p.data_ptr() or p32.dtype != p.dtype:
         p.copy_(p32.view(p.shape))
 
