@@ -20,6 +20,9 @@ eager ops per step. The 8-bit tensors are one fused Triton launch each on CUDA; 
 (nanoft.kernels.adamw8bit_cpu, the reference's bits) over chunks of REFERENCE_CHUNK elements (whole blocks, so
 the same bits), which also bounds the temporaries of the PyTorch reference where that runs instead.
 
+Under FSDP2 each rank keeps the states of its rows; blocks cut by a shard boundary are completed across ranks
+(nanoft.optim.sharded), and state_dict() gathers the whole states, so a checkpoint is one process's.
+
 State per parameter (plain tensors and ints, so the safetensors checkpoint can hold them):
     32-bit: step (int), exp_avg, exp_avg_sq (float32, the parameter's shape) -- torch.optim.AdamW's names
     8-bit:  step (int), exp_avg_codes, exp_avg_sq_codes (uint8, the parameter's shape),

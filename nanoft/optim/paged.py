@@ -31,6 +31,8 @@ CUDA the host is the device: the pages are updated in place in the arena and the
 same page loop runs, which is how the tests exercise the chunking.
 
 For 8-bit states a page must cover whole quantization blocks, so page_size is a multiple of 256.
+Under FSDP2 a rank's shard of a paged state stays in the arena and visits the device whole for its update
+(AdamW8bit._apply_sharded; no copy on a CPU-only machine), since its 8-bit blocks are completed across ranks.
 """
 from __future__ import annotations
 
