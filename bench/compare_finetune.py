@@ -1,12 +1,13 @@
-"""Full fine-tuning, LoRA and QLoRA side by side, on the same base checkpoint and the embedded speaker task.
+"""Full fine-tuning, LoRA, QLoRA, prefix tuning and adapters side by side, on one base and the embedded speaker task.
 
     python train.py configs/tiny.py              # the base, out/tiny (once)
-    python bench/compare_finetune.py             # trains configs/full.py, lora.py, qlora.py, prints the table
+    python bench/compare_finetune.py             # trains configs/{full,lora,qlora,prefix,adapter}.py, prints the table
     python bench/compare_finetune.py --skip-train        # only re-measure runs already in out/cmp_*
     python bench/compare_finetune.py --max_iters=20      # any --key=value is passed to every run
 
 Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its own process. Columns:
-  trainable     parameters with requires_grad (nanoft.adapters.count_params; NF4 weights count as their elements)
+  trainable     parameters with requires_grad (nanoft.adapters.count_params; NF4 weights count as their elements;
+                prefix tuning: its MLP, which trains, not the fewer folded prefixes it saves)
   optim state   bytes of the optimizer state tensors in the run's final checkpoint (what the run really held)
   peak tensors  nanoft.memory.measure(cfg): the peak bytes held by torch's allocator over one training step
                 (CPU: torch.profiler allocator events; CUDA: max_memory_allocated), batches of block_size tokens
@@ -35,13 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from nanoft import checkpoint  # noqa: E402
-from nanoft.adapters import apply_lora, count_params, load_adapter_state_dict  # noqa: E402
+from nanoft.adapters import count_params  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
 from nanoft.model import GPT, load_pretrained  # noqa: E402
+from nanoft.peft_methods import apply_method, load_trained, peft_method  # noqa: E402
 from nanoft.sft import load_sft_splits  # noqa: E402
 from nanoft.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 
-KINDS = ("full", "lora", "qlora")
+KINDS = ("full", "lora", "qlora", "prefix", "adapter")
 
 
 def fmt_bytes(n: float) -> str:
@@ -72,9 +74,9 @@ def load_run(out_dir: str) -> tuple[torch.nn.Module, Config, checkpoint.Checkpoi
     """The fine-tuned model of a run, as sample.py would load it (adapters applied to their base)."""
     ck = checkpoint.load(out_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), dropout=0.0, lora_dropout=0.0)
-    if cfg.finetune in ("lora", "qlora"):
-        model = apply_lora(load_pretrained(cfg, ck.base_from), cfg)
-        load_adapter_state_dict(model, ck.model)
+    if peft_method(cfg):
+        model = apply_method(load_pretrained(cfg, ck.base_from), cfg, for_training=False)
+        load_trained(model, cfg, ck.model, {})
     else:
         model = GPT(cfg)
         checkpoint.load_weights(model, ck.model, out_dir)
@@ -110,6 +112,7 @@ def main(argv: list[str]) -> None:
             base = {"answers": score_answers(base_model, val, "cpu"), "rank": score_speaker_task(base_model, val, "cpu"),
                     "majority": majority_baseline(val[:SCORED_EXAMPLES])}
         trainable, total = count_params(model)
+        trainable = sum(t.numel() for t in ck.train_only.values()) or trainable  # prefix tuning: the MLP trained
         peak, how = peak_tensor_bytes(load_config(str(ROOT / f"configs/{kind}.py"), overrides))
         metrics = [json.loads(line) for line in (ROOT / out_dir / "metrics.jsonl").read_text().splitlines()]
         rows.append({"run": kind, "optimizer": cfg.optimizer, "trainable": trainable, "total": total,
@@ -123,14 +126,14 @@ def main(argv: list[str]) -> None:
           f" rank acc {base['rank']:.3f}; majority baseline {base['majority']:.3f}"
           f" (val split, {min(SCORED_EXAMPLES, len(val))} examples, {len({e.response for e in val})} speakers)")
     print(f"peak tensors: {how}; peak RSS: ru_maxrss of each train.py process\n")
-    head = f"{'run':<6} {'optimizer':<16} {'trainable params':>24} {'optim state':>12} {'peak tensors':>13} " \
+    head = f"{'run':<7} {'optimizer':<16} {'trainable params':>24} {'optim state':>12} {'peak tensors':>13} " \
            f"{'peak RSS':>10} {'wall':>7} {'val loss':>8} {'valid':>6} {'right':>6} {'rank acc':>8}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         frac = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%)"
         rss = fmt_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-"
         wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
-        print(f"{r['run']:<6} {r['optimizer']:<16} {frac:>24} {fmt_bytes(r['optim_state_bytes']):>12} "
+        print(f"{r['run']:<7} {r['optimizer']:<16} {frac:>24} {fmt_bytes(r['optim_state_bytes']):>12} "
               f"{fmt_bytes(r['peak_tensor_bytes']):>13} {rss:>10} {wall:>7} {r['val_loss']:>8.3f} "
               f"{r['answers_valid']:>6.1%} {r['answers_exact']:>6.1%} {r['rank_acc']:>8.3f}")
     lora, qlora = (next(r for r in rows if r["run"] == k) for k in ("lora", "qlora"))
