@@ -93,6 +93,22 @@ def test_cpu_loop_matches_reference_bit_for_bit(weight_decay):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), step
 
 
+def test_cpu_loop_builds_in_a_fresh_cache_and_without_a_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(adamw8bit_cpu, "_LIB", [])
+    assert adamw8bit_cpu.load() is not None and len(list(tmp_path.glob("adamw8bit_cpu-*.so"))) == 1
+    monkeypatch.setattr(adamw8bit_cpu, "_LIB", [])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert adamw8bit_cpu.load() is None
+    p, g = torch.randn(1000), torch.randn(1000) * 0.01
+    hp = dict(step=1, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    ref = [p.clone()] + _states(1000)
+    adamw8bit_update_(p, g, *_states(1000), backend="auto", **hp)  # the reference, still correct
+    adamw8bit_update_(ref[0], g, *ref[1:], backend="torch", **hp)
+    assert torch.equal(p, ref[0])
+
+
 def test_reference_update_in_chunks_gives_the_bits_of_one_call(monkeypatch):
     """The optimizer runs the reference on REFERENCE_CHUNK elements at a time: the same bits as one call."""
     monkeypatch.setattr(adamw8bit_module, "REFERENCE_CHUNK", 512)
