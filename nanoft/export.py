@@ -55,9 +55,7 @@ from nanoft.quant import NF4Tensor
 from nanoft.run_guard import check_adapter_base, check_output_dir
 
 QKV = ("q_proj", "k_proj", "v_proj")  # the order of their rows in c_attn
-# the GPT-2 module each nanoft LoRA target is part of
-GPT2_MODULE = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn",
-               "out_proj": "attn.c_proj", "fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj"}
+GPT2_MODULE = {t: hf.GPT2_MODULES[path] for t, path in BLOCK_LINEARS.items()}  # "out_proj" -> "attn.c_proj"
 PEFT = "base_model.model.transformer."  # where peft's GPT2LMHeadModel keeps GPT-2's modules
 PEFT_LORA = re.compile(r"(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\."
                        r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight")
@@ -150,8 +148,8 @@ def to_peft(adapter: dict[str, Tensor], cfg: Config) -> tuple[dict[str, Tensor],
                 B[j * C:(j + 1) * C, n * r:(n + 1) * r] = adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_B"]
             tensors[theirs + "attn.c_attn.lora_A.weight"], tensors[theirs + "attn.c_attn.lora_B.weight"] = A, B
         for t in others:  # one module on each side: the tensors as they are
-            for part in ("A", "B"):
-                tensors[f"{theirs}{GPT2_MODULE[t]}.lora_{part}.weight"] = adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_{part}"]
+            for ab in "AB":
+                tensors[f"{theirs}{GPT2_MODULE[t]}.lora_{ab}.weight"] = adapter[f"{ours}{BLOCK_LINEARS[t]}.lora_{ab}"]
     for name, t in adapter.items():  # LayerNorms trained with lora_train_norms: peft's modules_to_save
         if name.endswith((".weight", ".bias")):
             tensors[PEFT + name.replace("blocks.", "h.")] = t

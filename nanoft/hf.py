@@ -56,7 +56,10 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # GELU's tanh appr
 FIXED = {"scale_attn_weights": (True, "attention scores not divided by sqrt(head size)"),
          "scale_attn_by_inverse_layer_idx": (False, "attention scores also divided by the layer index"),
          "add_cross_attention": (False, "cross-attention to an encoder")}
-BLOCK_LINEARS = (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj"))
+# each linear layer of a block, by its path in our block -> the GPT-2 module that holds it (q, k, v: c_attn's rows)
+GPT2_MODULES = {"attn.q_proj": "attn.c_attn", "attn.k_proj": "attn.c_attn", "attn.v_proj": "attn.c_attn",
+                "attn.out_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}
+ONE_TO_ONE = [(ours, theirs) for ours, theirs in GPT2_MODULES.items() if theirs != "attn.c_attn"]
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # old files store the causal mask; it is not a weight
 
 
@@ -226,7 +229,7 @@ def gpt2_state_dict(path: str | Path, cfg: Config) -> dict[str, Tensor]:
         qb, kb, vb = hf.pop(h + "attn.c_attn.bias").split(C)
         for name, w, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
             sd[b + f"attn.{name}.weight"], sd[b + f"attn.{name}.bias"] = w, bias
-        for ours, theirs in BLOCK_LINEARS:
+        for ours, theirs in ONE_TO_ONE:
             sd[b + ours + ".weight"] = hf.pop(h + theirs + ".weight").t()
             sd[b + ours + ".bias"] = hf.pop(h + theirs + ".bias")
     if sd["wte.weight"].shape[0] != cfg.vocab_size:  # padding would give unused tokens logit 0: too likely
@@ -260,7 +263,7 @@ def to_gpt2_state_dict(weights: dict[str, Tensor], cfg: Config) -> dict[str, Ten
         qkv = [b + f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
         hf[h + "attn.c_attn.weight"] = torch.cat([weights[p + ".weight"] for p in qkv]).t()  # (3C, C) -> (C, 3C)
         hf[h + "attn.c_attn.bias"] = torch.cat([bias(p + ".bias", C) for p in qkv])
-        for ours, theirs in BLOCK_LINEARS:
+        for ours, theirs in ONE_TO_ONE:
             w = weights[b + ours + ".weight"]
             hf[h + theirs + ".weight"], hf[h + theirs + ".bias"] = w.t(), bias(b + ours + ".bias", w.shape[0])
     if not cfg.tie_embeddings:
