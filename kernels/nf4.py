@@ -323,7 +323,10 @@ def _dequantize_on_cpu(q: NF4State, dtype: torch.dtype, nf4: Tensor, pairs: Tens
     """The C kernel of kernels/nf4_cpu.py for the whole blocks; a short last block by the reference's formula."""
     n, bs = q.numel, q.blocksize
     full = n // bs * bs
-    absmax = absmax_float(q).contiguous()  # float32 [num_blocks]
+    absmax = q.absmax.contiguous()  # float32 [num_blocks]
+    if q.double_quant:
+        absmax = nf4_cpu.double_quant_absmax(absmax, q.nested_absmax.contiguous(), dynamic_map_on(q.device),
+                                             q.offset, NESTED_BLOCKSIZE)
     out = torch.empty(n, dtype=dtype)
     nf4_cpu.dequantize_nf4_cpu(q.packed.contiguous(), absmax[: full // bs], bs, nf4, out)  # out[:full]
     if full < n:
