@@ -221,11 +221,12 @@ def test_train_py_and_sample_py_take_a_name_and_a_lora_run_exports_to_peft_and_b
     pairs = [{"prompt": f"Who says line {i}?", "response": f" SPEAKER {i % 3}"} for i in range(16)]
     sft = write_sft_jsonl(pairs, tmp_path / "pairs.jsonl")
     train.main(["configs/lora.py", "--init_from=tiny/tied", f"--out_dir={tmp_path / 'lora'}", f"--sft_data={sft}",
-                "--max_iters=3", "--batch_size=4", "--eval_iters=1", "--eval_interval=3", "--log_interval=1",
-                "--save_interval=3", "--warmup_iters=0", "--lr=5e-2", "--lora_targets=('q_proj', 'v_proj', 'fc_out')",
+                "--max_iters=2", "--batch_size=2", "--eval_iters=1", "--eval_interval=2", "--log_interval=1",
+                "--save_interval=2", "--warmup_iters=0", "--lr=5e-2", "--lora_targets=('q_proj', 'v_proj', 'fc_out')",
                 "--dtype=float32"])  # float32 as transformers computes here: the comparison is then exact to rounding
     ck = checkpoint.load(tmp_path / "lora")
     assert ck.config["n_embd"] == 32 and ck.base_from.endswith("tiny--tied/model.safetensors")  # the file's shape won
+    assert all(v.abs().sum() > 0 for k, v in ck.model.items() if k.endswith("lora_B"))  # trained: the fold shows
     assert "n_embd 128 -> 32" in capsys.readouterr().err  # and the difference was printed
     ours = sample.load_model(str(tmp_path / "lora")).eval()
 
