@@ -46,7 +46,7 @@ class ModelShape:
     @staticmethod
     def from_config(cfg: Config) -> ModelShape:
         return ModelShape("gpt", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head, 4 * cfg.n_embd,
-                          cfg.vocab_size, cfg.block_size, cfg.bias, tied=True)
+                          cfg.vocab_size, cfg.block_size, cfg.bias, tied=cfg.tie_embeddings)
 
     def num_params(self) -> int:
         return sum(p.numel for p in param_specs(self))
