@@ -32,7 +32,9 @@ def load_model(source: str, device: str = "cpu") -> GPT:
         return load_pretrained(cfg, cfg.init_from)
     ckpt = checkpoint.load(source)
     cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
-    if cfg.finetune not in ("lora", "qlora"):
+    if cfg.finetune == "reward":
+        raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft.reward), it does not write it")
+    if not cfg.lora_kind:
         model = GPT(cfg)
         checkpoint.load_weights(model, ckpt.model, source)
         return model

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint, distributed, hf, plot, run_guard
+from nanoft import checkpoint, distill, distributed, dpo, hf, plot, reward, run_guard
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
 from nanoft.config import Config, describe, load_config
 from nanoft.corpus import ensure_dataset
@@ -31,8 +31,10 @@ from nanoft.flops import flops_per_token, peak_flops
 from nanoft.lr import warmup_cosine
 from nanoft.memory_measure import measured_breakdown
 from nanoft.model import GPT, load_pretrained
+from nanoft.objective import NextTokenLoss
 from nanoft.optim import make_optimizer
 from nanoft.precision import pick_device, pick_dtype
+from nanoft.preferences import PreferenceBatches, load_preference_splits
 from nanoft.progress import progress
 from nanoft.sft import SFTBatches, load_sft_splits
 from nanoft.sft_eval import task_report
@@ -40,14 +42,14 @@ from nanoft.tokenizer import get_tokenizer
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters: int, autocast) -> float:
+def estimate_loss(objective, model, batches, eval_iters: int, autocast) -> float:
     """Mean loss over the same eval_iters validation batches every time, so evaluations compare."""
     model.eval()
     batches.load_state_dict({"position": 0})
     total = 0.0
     for _ in range(eval_iters):
         with autocast:
-            total = total + model(*batches.next())[1].float()  # summed on the device: one sync at the end
+            total = total + objective.eval_loss(model, batches.next()).float()  # summed on the device: one sync at the end
     model.train()
     return (total / eval_iters).item()
 
@@ -77,12 +79,15 @@ def main(argv: list[str]) -> None:
 
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
-    if cfg.finetune in ("lora", "qlora"):
+    if cfg.lora_kind:  # finetune=lora/qlora, or dpo with finetune_weights=lora/qlora
         model = apply_lora(model, cfg, device)  # QLoRA quantizes each layer on the device
         if dist.is_master:
             print(trainable_summary(model))
+    # the loss: next-token cross-entropy, or a method's own (its frozen reference, reward head or teacher made here)
+    make_objective = {"dpo": dpo.DPO, "reward": reward.RewardModel, "distill": distill.Distillation}.get(cfg.finetune, NextTokenLoss)
+    objective = make_objective(cfg, model, device)
     if resume:
-        if cfg.finetune in ("lora", "qlora"):
+        if cfg.lora_kind:
             load_adapter_state_dict(model, resume.model)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
@@ -98,16 +103,17 @@ def main(argv: list[str]) -> None:
     guard = run_guard.StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
-    if cfg.finetune == "none":
+    if cfg.finetune in ("none", "distill"):
         data_dir = ensure_dataset(cfg.dataset) if dist.is_master else None
         distributed.barrier(dist)  # the other ranks wait for rank 0 to prepare the data
         data_dir = run_guard.check_token_files(ensure_dataset(cfg.dataset), cfg.vocab_size)  # whole ids < vocab
         train_batches = Batches(data_dir / "train.bin", cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
         val_batches = Batches(data_dir / "val.bin", cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
-    else:
-        train_examples, val_examples = load_sft_splits(cfg)
-        train_batches = SFTBatches(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
-        val_batches = SFTBatches(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
+    else:  # prompt/response pairs (SFT), or prompt/chosen/rejected pairs (DPO, reward model)
+        load, Rows = (load_preference_splits, PreferenceBatches) if cfg.finetune in ("dpo", "reward") else (load_sft_splits, SFTBatches)
+        train_examples, val_examples = load(cfg)
+        train_batches = Rows(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
+        val_batches = Rows(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
     start_step, best_val = 0, checkpoint.best_val_loss(cfg.out_dir) if resume else float("inf")
     if resume:  # the same data row even if the global batch changed (then converted, and printed)
         train_batches.load_state_dict(run_guard.resumed_position(resume, cfg, dist.world_size))
@@ -119,7 +125,7 @@ def main(argv: list[str]) -> None:
         (weights, optim_state), rng = distributed.full_state_dict(raw_model, optimizer, dist), distributed.rng_state(dist, device)
         if not dist.is_master:
             return
-        if cfg.finetune in ("lora", "qlora"):  # only the adapter goes to disk, with its r, alpha, targets, base
+        if cfg.lora_kind:  # only the adapter goes to disk, with its r, alpha, targets, base
             weights, extra["adapter"] = adapter_state_dict(raw_model), adapter_config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
@@ -155,7 +161,7 @@ def main(argv: list[str]) -> None:
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 with distributed.sync_gradients(model, last_micro_step=micro == cfg.grad_accum - 1), autocast:
-                    _, loss = model(*train_batches.next())
+                    loss = objective(model, train_batches.next())
                     loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
@@ -174,12 +180,13 @@ def main(argv: list[str]) -> None:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point
                 steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
                 record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
-                          "mfu": step_flops * steps_per_s / peak}
+                          "mfu": step_flops * steps_per_s / peak, **objective.pop_scores("train_")}
                 if device_type == "cuda":  # the allocator's high-water mark so far (python -m nanoft.check compares it)
                     record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if done % cfg.eval_interval == 0 or last:
-                    val = torch.tensor(estimate_loss(model, val_batches, cfg.eval_iters, autocast), device=device)
+                    val = torch.tensor(estimate_loss(objective, model, val_batches, cfg.eval_iters, autocast), device=device)
                     record["val_loss"] = distributed.mean_across_ranks(val, dist).item()
+                    record.update(objective.pop_scores("val_"))  # e.g. DPO's reward accuracy on the val pairs
                     if record["val_loss"] < best_val:  # the best weights so far, in out_dir/best beside the latest
                         best_val = record["val_loss"]
                         save(done, Path(cfg.out_dir) / checkpoint.BEST_DIR, val_loss=best_val)
@@ -212,7 +219,7 @@ def main(argv: list[str]) -> None:
             metrics.close()
 
     # ---- show what the model does now (fsdp: each rank holds a shard, so all ranks run each forward) ----
-    if (dist.is_master or dist.fsdp) and cfg.finetune == "none":
+    if (dist.is_master or dist.fsdp) and cfg.finetune in ("none", "distill"):
         enc = get_tokenizer()
         start = torch.tensor([enc.encode("\n")], device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -221,7 +228,8 @@ def main(argv: list[str]) -> None:
             print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
     elif dist.is_master and not dist.fsdp:  # fsdp: score the checkpoint in one process
         with autocast:  # as it trained: a LoRA model's frozen base is bf16 on CUDA, its adapters float32
-            print(task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
+            print(objective.report(raw_model, val_examples, device) if cfg.finetune in ("dpo", "reward")
+                  else task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
     distributed.teardown(dist)

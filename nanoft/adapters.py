@@ -63,14 +63,14 @@ def apply_lora(model: nn.Module, cfg: Config, device: str | torch.device | None 
     trained base that range is too narrow to make a rare token likely: on configs/tiny.py's base, the best
     any h can give <|endoftext|> is -log p = 6.3, and " HAM" (as in " HAMLET") 8.1. Training ln_f's gain
     lifts that cap; a well-trained base rarely needs it."""
-    if cfg.finetune not in ("lora", "qlora"):
+    if not cfg.lora_kind:  # finetune=lora/qlora, or dpo with finetune_weights=lora/qlora
         return model
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters; apply_lora must be called once")
     model.requires_grad_(False)
     dtype = dtype or compute_dtype(cfg)
     for i in range(len(model.blocks)):
-        if cfg.finetune == "qlora":
+        if cfg.lora_kind == "qlora":
             for path in BLOCK_LINEARS.values():
                 linear = model.blocks[i].get_submodule(path)
                 if device is not None:

@@ -29,7 +29,7 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     was trained with (adding it to the original float base would differ by the quantization error)."""
     ck = checkpoint.load(adapter_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
-    if cfg.finetune not in ("lora", "qlora"):
+    if not cfg.lora_kind:
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
     base = base or ck.base_from
     check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read

@@ -247,7 +247,7 @@ def load_pretrained(cfg: Config, source: str) -> GPT:
         checkpoint.load_weights(model, hf.gpt2_state_dict(source, cfg), source)
         return model
     ckpt = checkpoint.load(source)
-    if ckpt.config.get("finetune") in ("lora", "qlora"):
+    if Config.from_dict(ckpt.config).lora_kind:  # finetune=lora/qlora, or dpo with LoRA weights
         raise ValueError(f"{source} holds a LoRA adapter, not a full model: merge it first (python -m nanoft.lora merge)")
     if ckpt.config.get("finetune") in ("prefix", "adapter"):  # these cannot be merged: sample.py applies them
         raise ValueError(f"{source} holds {ckpt.config['finetune']} weights for a base, not a full model")

@@ -1,0 +1,33 @@
+"""Distillation (Hinton et al. 2015): a student half the width and depth of the CPU base (out/tiny, the teacher),
+trained from scratch on Shakespeare with alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy.
+
+    python train.py configs/tiny.py       # first: the teacher in out/tiny
+    python train.py configs/distill.py    # the distilled student
+    python train.py configs/distill.py --finetune=none --teacher_from= --out_dir=out/student-alone   # the same student alone
+The val loss of both is the student's plain cross-entropy on the val split: compare them.
+"""
+from nanoft.config import Config
+
+config = Config(
+    out_dir="out/distill",
+    finetune="distill",
+    teacher_from="out/tiny",
+    distill_alpha=0.5,
+    distill_temperature=2.0,
+    # the student: 2 layers of width 64 (the teacher: 4 of 128)
+    n_layer=2,
+    n_head=2,
+    n_embd=64,
+    block_size=128,
+    max_iters=150,
+    eval_interval=50,
+    eval_iters=10,
+    log_interval=10,
+    save_interval=150,
+    batch_size=16,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_iters=15,
+    weight_decay=0.1,
+    device="cpu",
+)

@@ -1,0 +1,21 @@
+"""A reward model (RLHF's second stage, Ouyang et al. 2022) from the CPU base (out/tiny): a scalar head on the last
+token of prompt + response, trained with the Bradley-Terry loss on the plays' preference set (configs/dpo.py's pairs).
+Every weight trains. PPO, the third stage, is not in nanoft yet.
+
+    python train.py configs/tiny.py      # first: the base checkpoint in out/tiny
+    python train.py configs/reward.py    # prints the held-out pairwise accuracy
+    python -m nanoft.reward out/reward --prompt "ROMEO:\n..." --response "..." --response "..."
+"""
+import dataclasses
+import runpy
+from pathlib import Path
+
+config = dataclasses.replace(
+    runpy.run_path(str(Path(__file__).with_name("dpo.py")))["config"],
+    out_dir="out/reward",
+    finetune="reward",
+    finetune_weights="full",
+    lr=3e-4,  # every weight moves, as in full fine-tuning
+    min_lr=3e-5,
+    weight_decay=0.0,
+)
