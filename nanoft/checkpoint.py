@@ -42,7 +42,7 @@ BEST_DIR = "best"  # out_dir/best: the checkpoint with the lowest validation los
 # keys that fix the architecture: base weights can't be loaded into a model that differs in these
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "tie_embeddings")
 # ...and a run can only be resumed with the same architecture, fine-tuning mode and adapters
-SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant",
+SHAPE_KEYS = ARCH_KEYS + ("block_size", "finetune", "finetune_weights", "lora_r", "lora_targets", "lora_train_norms", "nf4_blocksize", "double_quant",
                           "prefix_len", "prefix_hidden", "adapter_size")
 
 

@@ -94,6 +94,7 @@ REFUSED_ON_RESUME = {
     "lora_alpha": "it scales the trained adapter, so it would change the model",
     "dataset": "the saved data position indexes the old data",
     "sft_data": "the saved data position indexes the old examples",
+    "preference_data": "the saved data position indexes the old pairs",
 }
 # keys that may change but end bit-exactness with an uninterrupted run
 GEOMETRY = ("batch_size", "grad_accum", "seed", "dropout", "lora_dropout")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft import checkpoint
+from nanoft import checkpoint, run_guard
 from nanoft.adapters import apply_lora
 from nanoft.config import Config
 from nanoft.dpo import DPO, FrozenReference, dpo_loss
@@ -229,3 +229,11 @@ def test_a_saved_reward_model_loads_with_its_head_and_scores(tmp_path, capsys):
     assert len(lines) == 2 and lines[0].endswith("'Wherefore\\n'")
     with pytest.raises(ValueError, match="is a reward model: it scores text"):
         load_model(str(tmp_path / "rm"))
+
+
+@pytest.mark.parametrize("key, saved, now", [("finetune_weights", "lora", "full"),
+                                             ("preference_data", "a.jsonl", "b.jsonl")])
+def test_resume_refuses_other_weights_or_other_pairs(tmp_path, key, saved, now):
+    resume = checkpoint.Checkpoint(step=1, config=Config(finetune="dpo", **{key: saved}).to_dict(), model={})
+    with pytest.raises(checkpoint.CheckpointError, match=key):
+        run_guard.check_resume(resume, Config(finetune="dpo", out_dir=str(tmp_path), **{key: now}))
