@@ -57,9 +57,10 @@ def draw(out_dirs: list[str | Path], to: str | Path) -> Path:
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     for i, (name, records) in enumerate(runs):
         color = f"C{i % 10}"  # one colour per run: solid train loss, dots on the dashed validation loss
-        loss_ax.plot(*_series(records, "loss"), color=color, alpha=0.8, label=f"{name} train")
+        width = 1.5 + 1.5 * (len(runs) - 1 - i)  # earlier runs drawn wider: where curves coincide, each stays visible
+        loss_ax.plot(*_series(records, "loss"), color=color, linewidth=width, label=f"{name} train")
         loss_ax.plot(*_series(records, "val_loss"), color=color, linestyle="--", marker="o", label=f"{name} val")
-        lr_ax.plot(*_series(records, "lr"), color=color, label=name)
+        lr_ax.plot(*_series(records, "lr"), color=color, linewidth=width, label=name)
     loss_ax.set_ylabel("loss (cross-entropy, nats)")
     loss_ax.set_title("train and validation loss")
     loss_ax.grid(alpha=0.3)
