@@ -1,10 +1,12 @@
 """NF4 quantize and dequantize on the CPU: kernels/nf4.py's reference, as a small C kernel.
 
-Same inputs, same bytes out: tests/test_nf4_cpu.py holds it to the reference and to bitsandbytes. Why C:
-the reference is several whole-tensor PyTorch ops (a gather, a multiply, a cast, each through fresh memory),
-and every reformulation in PyTorch we measured stays 4-8x short of bitsandbytes' C++ kernel; torch.compile
-(inductor's CPU backend) turned the table lookup into scalar code slower than eager (bench/NOTES_nf4.md).
-What a CPU does well here is what the Triton kernel does on a GPU: one pass, the 16 NF4 values in registers.
+Same inputs, same bytes out: tests/test_nf4.py and tests/test_nf4_cpu.py hold it to the reference and to
+bitsandbytes. Why C: the reference is several whole-tensor PyTorch ops (a gather, a multiply, a cast, each
+through fresh memory), and the PyTorch reformulations we measured stayed 2-5x behind bitsandbytes' C++ kernel
+(chunked through cache-sized buffers: still ~0.6 ns of dispatch and gather per element, against ~0.1), while
+torch.compile (inductor's CPU backend) compiled for 25-45 s and emitted scalar code for the 16-entry lookup
+(bench/NOTES_nf4.md). What a CPU does well here is what the Triton kernel does on a GPU: one pass over the
+bytes, the 16 NF4 values of a block in a register.
 
 Dequantize, per block of `blocksize` elements with float32 absmax `a`:
 
@@ -19,6 +21,10 @@ high and low nibbles' values. Without it, the same loop in plain C.
 Quantize, per block (as bitsandbytes' CPU path): absmax = max |x|, y = clamp(x * (1 / max(absmax, floor)),
 -1, 1), code = #{NF4 midpoints < y} (15 compares), two codes per byte. Only whole blocks come here: a short
 last block goes through the reference, which knows bitsandbytes' rules for it.
+
+Around them: double quantization's absmax is rebuilt by one C loop (torch's small parallel ops cost more in
+spinning threads than the work), and a dequantize output of 8 MB or more asks Linux for 2 MB pages, because
+a fresh output's first-touch page faults cost more than the arithmetic (advise_huge_pages).
 
 The C source below is compiled once per machine with the system C compiler (as torch.compile does for its
 CPU kernels) into ~/.cache/nanoft (NANOFT_CACHE overrides) and loaded with ctypes. Without a working
@@ -147,22 +153,25 @@ void advise_huge_pages(void *p, int64_t bytes) {
 #define QUANTIZE(SUFFIX, T, TO_FLOAT)                                                                        \
     void quantize_##SUFFIX(const T *x, const float *midpoints, float floor, uint8_t *packed, float *absmax,  \
                            int64_t blocksize, int64_t first, int64_t last) {                                \
-        float y[4096];                                                                                     \
+        float y[4096], mid[15];                                                                            \
         uint8_t code[4096];                                                                                \
+        memcpy(mid, midpoints, sizeof(mid)); /* a local copy: the compiler may keep it in registers */    \
         for (int64_t b = first; b < last; b++) {                                                           \
             float m = 0.0f;                                                                                \
+            int nan = 0;                                                                                   \
             for (int64_t i = 0; i < blocksize; i++) {                                                      \
                 y[i] = TO_FLOAT(x[b * blocksize + i]);                                                     \
                 float a = y[i] < 0.0f ? -y[i] : y[i];                                                      \
-                m = (a > m || a != a) ? a : m;                                                             \
+                m = a > m ? a : m;                                                                         \
+                nan |= y[i] != y[i];                                                                       \
             }                                                                                              \
-            absmax[b] = m;                                                                                 \
+            absmax[b] = nan ? __builtin_nanf("") : m;                                                      \
             const float inv = 1.0f / (m > floor ? m : floor);                                              \
             for (int64_t i = 0; i < blocksize; i++) {                                                      \
                 float v = y[i] * inv;                                                                      \
                 v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);                                             \
                 uint8_t c = 0;                                                                             \
-                for (int k = 0; k < 15; k++) c += v > midpoints[k];                                        \
+                for (int k = 0; k < 15; k++) c += v > mid[k];                                              \
                 code[i] = c;                                                                               \
             }                                                                                              \
             for (int64_t j = 0; j < blocksize / 2; j++)                                                    \
