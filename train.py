@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
             scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             completed = done = step + 1
-            if done == start_step + 1 and dist.is_master and not dist.fsdp:  # once: now the optimizer states exist
+            if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist (fsdp: rank 0's shards)
                 bar.write(measured_breakdown(raw_model, optimizer))
             last = done == cfg.max_iters
             log_now = done % cfg.log_interval == 0 or last or done % cfg.eval_interval == 0

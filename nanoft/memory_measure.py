@@ -2,11 +2,20 @@
 distinct tensor storages (a view or a tied weight counts once). train.py prints `measured_breakdown` once,
 after its first optimizer step; the estimator that predicts these numbers before a run (and activations, and
 the peak) is its own command, `python -m nanoft.memory CONFIG`, which imports this module to check itself.
+
+Under FSDP2 the parameters, their gradients and the optimizer states of a sharded model are DTensors: each
+rank holds one shard of each, its local tensor, and that is what is counted here, so the numbers are this
+rank's (a DTensor itself is a wrapper with no storage of its own).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded tensors to count
+    DTensor = None
 
 
 def fmt(n: float) -> str:
@@ -17,14 +26,20 @@ def fmt(n: float) -> str:
     return f"{int(n)} B"
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The memory behind t on this rank: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
 def _storage_bytes(tensors, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct storages behind `tensors`: a view or a tied weight counts once."""
+    """Bytes of the distinct storages behind `tensors` on this rank: a view or a tied weight counts once, a
+    DTensor as its local shard's storage."""
     seen = set() if seen is None else seen
     total = 0
     for t in tensors:
         if t is None or not isinstance(t, torch.Tensor):
             continue
-        st = t.untyped_storage()
+        st = local(t).untyped_storage()
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             total += st.nbytes()
@@ -80,8 +95,10 @@ def measured_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> st
     the bytes backward allocates, one per trainable parameter), optimizer states, and the CUDA peak so far."""
     got = exact_bytes(model, optimizer)
     if got["grads"] == 0:  # zero_grad(set_to_none) freed them; backward re-creates exactly these
-        got["grads"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    lines = ["memory (measured; the estimate and activations: python -m nanoft.memory CONFIG [--measure])"]
+        got["grads"] = sum(local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    sharded = DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+    lines = ["memory (measured" + (", this rank's shards" if sharded else "") +
+             "; the estimate and activations: python -m nanoft.memory CONFIG [--measure])"]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("states", "optimizer states"),
                        ("states_host", "  in host memory")):
         if key != "states_host" or got[key]:
