@@ -4,8 +4,8 @@
     python sample.py gpt2 --prompt "Hello, I'm a language model,"    # GPT-2 from the Hugging Face Hub (fetched once)
     python sample.py path/to/gpt2/model.safetensors --prompt "Hello, I'm a language model,"
 
-The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, which is applied to its
-base), its best/ (the weights with the lowest validation loss: `--best`, or `out/tiny/best`), or a GPT-2
+The checkpoint is a nanoft out_dir (a full checkpoint, or a LoRA adapter, prefixes or adapter layers, which
+are applied to their base), its best/ (the weights with the lowest validation loss: `--best`, or `out/tiny/best`), or a GPT-2
 in Hugging Face layout: a Hub name (gpt2, gpt2-medium, distilgpt2, owner/name), a folder, a model.safetensors.
 """
 import argparse
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from nanoft import checkpoint, distributed, hf, run_guard
-from nanoft.adapters import apply_lora, load_adapter_state_dict
 from nanoft.config import Config
 from nanoft.model import GPT, load_pretrained
+from nanoft.peft_methods import apply_method, load_trained, peft_method
 from nanoft.tokenizer import get_tokenizer
 
 GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
@@ -34,13 +34,14 @@ def load_model(source: str, device: str = "cpu") -> GPT:
     cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
     if cfg.finetune == "reward":
         raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft.reward), it does not write it")
-    if not cfg.lora_kind:
+    if not peft_method(cfg):
         model = GPT(cfg)
         checkpoint.load_weights(model, ckpt.model, source)
         return model
     run_guard.check_adapter_base(ckpt, source)  # the very base it was trained on, by content
-    model = apply_lora(load_pretrained(cfg, ckpt.base_from), cfg, device)  # QLoRA quantizes on the device
-    load_adapter_state_dict(model, ckpt.model)
+    # LoRA/QLoRA adapters, folded prefixes or adapter layers: applied to their base (QLoRA quantizes on the device)
+    model = apply_method(load_pretrained(cfg, ckpt.base_from), cfg, device, for_training=False)
+    load_trained(model, cfg, ckpt.model, {})
     return model
 
 

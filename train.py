@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nanoft import checkpoint, distill, distributed, dpo, hf, plot, reward, run_guard
-from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, trainable_summary
+from nanoft.peft_methods import apply_method, load_trained, method_config, peft_method, saved_tensors, trainable_summary
 from nanoft.config import Config, describe, load_config
 from nanoft.corpus import ensure_dataset
 from nanoft.data import Batches
@@ -79,16 +79,16 @@ def main(argv: list[str]) -> None:
 
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
-    if cfg.lora_kind:  # finetune=lora/qlora, or dpo with finetune_weights=lora/qlora
-        model = apply_lora(model, cfg, device)  # QLoRA quantizes each layer on the device
+    if peft_method(cfg):  # lora, qlora (also dpo's finetune_weights), prefix, adapter: the base frozen, a few tensors added
+        model = apply_method(model, cfg, device)  # QLoRA quantizes each layer on the device
         if dist.is_master:
             print(trainable_summary(model))
     # the loss: next-token cross-entropy, or a method's own (its frozen reference, reward head or teacher made here)
     make_objective = {"dpo": dpo.DPO, "reward": reward.RewardModel, "distill": distill.Distillation}.get(cfg.finetune, NextTokenLoss)
     objective = make_objective(cfg, model, device)
     if resume:
-        if cfg.lora_kind:
-            load_adapter_state_dict(model, resume.model)
+        if peft_method(cfg):
+            load_trained(model, cfg, resume.model, resume.train_only)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
     model = distributed.place(model, dist, device, dtype)  # to the device; fsdp: this rank's shard, gathered in dtype
@@ -125,11 +125,12 @@ def main(argv: list[str]) -> None:
         (weights, optim_state), rng = distributed.full_state_dict(raw_model, optimizer, dist), distributed.rng_state(dist, device)
         if not dist.is_master:
             return
-        if cfg.lora_kind:  # only the adapter goes to disk, with its r, alpha, targets, base
-            weights, extra["adapter"] = adapter_state_dict(raw_model), adapter_config(cfg, base_from)
+        train_only = {}  # prefix tuning: its MLP, which only a resumed run needs (the model runs on the folded prefixes)
+        if peft_method(cfg):  # only what the method trained goes to disk, with its shape and its base
+            (weights, train_only), extra["adapter"] = saved_tensors(raw_model, cfg), method_config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
-            data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng))
+            data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng, train_only=train_only))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from nanoft.adapters import adapter_config, apply_lora, load_adapter_state_dict,
 from nanoft.checkpoint import CheckpointError
 from nanoft.config import Config
 from nanoft.model import load_pretrained
+from nanoft.peft_methods import cannot_merge
 from nanoft.run_guard import check_adapter_base, check_output_dir, lock_dir
 
 def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, overwrite: bool = False) -> Path:
@@ -29,6 +30,8 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     was trained with (adding it to the original float base would differ by the quantization error)."""
     ck = checkpoint.load(adapter_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
+    if cannot_merge(cfg.finetune):
+        raise ValueError(f"{adapter_dir} holds a {cfg.finetune} run, which cannot be merged: {cannot_merge(cfg.finetune)}")
     if not cfg.lora_kind:
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
     base = base or ck.base_from
