@@ -36,16 +36,33 @@ SOURCE = r"""
 
 #define BLOCK 256  /* values per quantization block */
 
-/* One block of float32 values -> codes: the nearest code by bitsandbytes' 65,536-point grid (blockwise8.py). */
+/* One block of float32 values -> codes: the nearest code by bitsandbytes' 65,536-point grid (blockwise8.py).
+   The grid index is computed in one vectorisable loop, the table lookup (a byte gather) in a second. */
 static void quantize_block(const float *x, int len, float absmax, const uint8_t *lut, uint8_t *codes) {
-    float inv = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
+    int32_t j[BLOCK];
+    if (absmax == 0.0f) {  /* an all-zero block: code 0 everywhere */
+        for (int i = 0; i < len; i++) codes[i] = 0;
+        return;
+    }
+    float inv = 1.0f / absmax;
     for (int i = 0; i < len; i++) {
         float v = x[i] * inv;
         v = v > -1.0f ? v : -1.0f;  /* clamp to [-1, 1]; (a NaN lands on -1, never outside the table) */
         v = v < 1.0f ? v : 1.0f;
-        int j = (int)(((v + 1.0f) * 0.5f) * 65535.0f + 0.5f);  /* truncation, as the reference's cast */
-        codes[i] = absmax == 0.0f ? 0 : lut[j];
+        j[i] = (int32_t)(((v + 1.0f) * 0.5f) * 65535.0f + 0.5f);  /* truncation, as the reference's cast */
     }
+    for (int i = 0; i < len; i++) codes[i] = lut[j[i]];
+}
+
+/* |x| as the bits of a float: for finite x they order as |x| does, so a maximum can be taken on integers */
+static inline uint32_t abs_bits(float x) {
+    union { float f; uint32_t u; } b = {x};
+    return b.u & 0x7fffffffu;
+}
+
+static inline float from_bits(uint32_t u) {
+    union { uint32_t u; float f; } b = {u};
+    return b.f;
 }
 
 /* torch's CPU sqrt where it calls MKL (vmsSqrt: within an ulp, not always correctly rounded); else NULL */
@@ -61,7 +78,8 @@ void adamw8bit_blocks(float *p, const float *g, uint8_t *m_codes, float *m_absma
     for (int64_t b = first; b < last; b++) {
         int64_t start = b * BLOCK;
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        float m_scale = m_absmax[b], v_scale = v_absmax[b], m_max = 0.0f, v_max = 0.0f;
+        float m_scale = m_absmax[b], v_scale = v_absmax[b];
+        uint32_t m_max = 0, v_max = 0;  /* bits of the block maxima of |m| and |v| (integer max vectorises) */
         for (int i = 0; i < len; i++) {
             float grad = g[start + i];
             float mi = code1[m_codes[start + i]] * m_scale;         /* dequantize */
@@ -70,7 +88,7 @@ void adamw8bit_blocks(float *p, const float *g, uint8_t *m_codes, float *m_absma
             vi = fmaf(one_minus_beta2 * grad, grad, vi * beta2);    /* v.mul_(beta2).addcmul_(g, g, 1 - beta2) */
             m[i] = mi;
             v[i] = vi;
-            float am = fabsf(mi), av = fabsf(vi);
+            uint32_t am = abs_bits(mi), av = abs_bits(vi);
             m_max = am > m_max ? am : m_max;
             v_max = av > v_max ? av : v_max;
         }
@@ -85,10 +103,10 @@ void adamw8bit_blocks(float *p, const float *g, uint8_t *m_codes, float *m_absma
             if (apply_decay) pk = pk * decay;
             p[start + i] = pk + (step_size * m[i]) / denom;         /* p.addcdiv_(m, denom, value=step_size) */
         }
-        quantize_block(m, len, m_max, lut1, m_codes + start);      /* requantize with the new absmax */
-        quantize_block(v, len, v_max, lut2, v_codes + start);
-        m_absmax[b] = m_max;
-        v_absmax[b] = v_max;
+        m_absmax[b] = from_bits(m_max);
+        v_absmax[b] = from_bits(v_max);
+        quantize_block(m, len, m_absmax[b], lut1, m_codes + start);  /* requantize with the new absmax */
+        quantize_block(v, len, v_absmax[b], lut2, v_codes + start);
     }
 }
 """
@@ -167,6 +185,13 @@ def load():
     return _LIB[0]
 
 
+def _one_mkl_thread() -> None:
+    """Each worker calls MKL's sqrt on its own blocks: MKL must not start a thread team of its own per worker
+    (its OpenMP threads would spin against ours; measured 10x slower on 2 cores)."""
+    if torch.backends.mkl.is_available():
+        ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Set_Num_Threads_Local(1)
+
+
 def supports(p: Tensor, g: Tensor) -> bool:
     """Whether the C loop can take this update: float32 on the CPU, and a library to run it."""
     return p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32 and load() is not None
@@ -188,7 +213,7 @@ def adamw8bit_update_cpu_(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tenso
         lib.adamw8bit_blocks(*args, n, 0, n_blocks, *scalars)
         return
     if not _POOL or _POOL[0]._max_workers < threads:
-        _POOL[:] = [ThreadPoolExecutor(max_workers=threads)]
+        _POOL[:] = [ThreadPoolExecutor(max_workers=threads, initializer=_one_mkl_thread)]
     bounds = [n_blocks * i // threads for i in range(threads + 1)]
     jobs = [_POOL[0].submit(lib.adamw8bit_blocks, *args, n, a, b, *scalars) for a, b in zip(bounds, bounds[1:])]
     for job in jobs:
