@@ -36,15 +36,15 @@ import sys
 import torch
 from torch import nn
 
-from nanoft.adapters import apply_lora
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
 from nanoft.memory_estimate import Run, peak_bytes
 from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
 from nanoft.optim import OPTIMIZERS, make_optimizer
+from nanoft.peft_methods import apply_method
 
-MODES = ("full", "lora", "qlora")
+MODES = ("full", "lora", "qlora", "prefix", "adapter")
 # flags of this command that are not Config keys; every other --key=value must be a Config key
 SHAPE_FLAGS = {"shape": str, "params": float, "arch": str, "intermediate": int, "n_kv_head": int}
 OWN_FLAGS = {"measure": bool, "steps": int, **SHAPE_FLAGS}
@@ -59,7 +59,7 @@ class MeasureError(RuntimeError):
 def build(cfg: Config, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer exactly as train.py builds them (random weights: memory does not care)."""
     torch.manual_seed(cfg.seed)
-    model = apply_lora(GPT(cfg), cfg, device).to(device)  # apply_lora leaves full / none unchanged
+    model = apply_method(GPT(cfg), cfg, device).to(device)  # LoRA, QLoRA, prefix or adapters; full / none unchanged
     return model, make_optimizer(cfg, model)
 
 

@@ -49,8 +49,8 @@ class Run:
         return "full" if self.cfg.finetune in ("none", "full") else self.cfg.finetune
 
     @property
-    def norms_trainable(self) -> bool:  # full fine-tuning trains them; LoRA/QLoRA with lora_train_norms
-        return self.mode == "full" or self.cfg.lora_train_norms
+    def norms_trainable(self) -> bool:  # full fine-tuning and adapters train them; LoRA/QLoRA with lora_train_norms
+        return self.mode in ("full", "adapter") or (self.mode in ("lora", "qlora") and self.cfg.lora_train_norms)
 
     @property
     def adapter_bytes(self) -> int:  # LoRA/QLoRA adapters: float32 master weights (nanoft.lora's docstring)
@@ -83,7 +83,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
     if run.mode == "full":
         return [(p, 4) for p in specs], 0
     if shape.arch == "nominal":
-        raise ValueError("LoRA and QLoRA need the layer shapes: give --shape or dimensions, not only --params")
+        raise ValueError(f"{run.mode} needs the layer shapes: give --shape or dimensions, not only --params")
     trainable, frozen = [], 0
     for p in specs:
         if run.norms_trainable and p.norm:
@@ -93,11 +93,27 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
             frozen += nf4_bytes(p.numel, cfg.nf4_blocksize, cfg.double_quant, run.device == "cpu")
         else:
             frozen += run.frozen_bytes * p.numel
-        if p.target in cfg.lora_targets and len(p.shape) == 2:
+        if run.mode in ("lora", "qlora") and p.target in cfg.lora_targets and len(p.shape) == 2:
             out_f, in_f = p.shape
             trainable += [(ParamSpec(p.name.replace(".weight", ".lora_A"), (cfg.lora_r, in_f)), run.adapter_bytes),
                           (ParamSpec(p.name.replace(".weight", ".lora_B"), (out_f, cfg.lora_r)), run.adapter_bytes)]
-    return trainable, frozen
+    return trainable + [(p, run.adapter_bytes) for p in method_specs(shape, run)], frozen
+
+
+def method_specs(shape: ModelShape, run: Run) -> list[ParamSpec]:
+    """What prefix tuning trains (nanoft.prefix.PrefixEncoder: the embedding and the MLP that make every layer's
+    prefixes) or the adapters (nanoft.adapter_layers: two bottlenecks a block); float32, like LoRA's."""
+    cfg, C, L = run.cfg, shape.n_embd, shape.n_layer
+    if run.mode == "prefix":
+        P, H = cfg.prefix_len, cfg.prefix_hidden
+        return [ParamSpec("prefix.embedding", (P, C)), ParamSpec("prefix.hidden.weight", (H, C)),
+                ParamSpec("prefix.hidden.bias", (H,)), ParamSpec("prefix.out.weight", (L * 2 * C, H)),
+                ParamSpec("prefix.out.bias", (L * 2 * C,))]
+    if run.mode == "adapter":
+        m = cfg.adapter_size
+        return [ParamSpec(f"blocks.{i}.{at}.adapter.{name}", s) for i in range(L) for at in ("attn.out_proj", "mlp.fc_out")
+                for name, s in (("down.weight", (m, C)), ("down.bias", (m,)), ("up.weight", (C, m)), ("up.bias", (C,)))]
+    return []
 
 
 def state_bytes(p: ParamSpec, elem: int, cfg: Config) -> int:
@@ -195,12 +211,22 @@ def _lora_linear(led: _Saved, key: str, x: tuple, fan_out: int, target: str, tra
         out = (key + ".out", fan_out, run.act_bytes, x[3])
     else:
         out = led.linear(key, x, fan_out, trainable_base)
-    if run.mode == "full" or target not in run.cfg.lora_targets:
+    if run.mode not in ("lora", "qlora") or target not in run.cfg.lora_targets:
         return out
     d = led.dropout(key + ".lora_drop", x, run.cfg.lora_dropout)
     h = led.linear(key + ".lora_A", d, run.cfg.lora_r, True, run.adapter_bytes)
     led.linear(key + ".lora_B", h, fan_out, True, run.adapter_bytes)
     return out[:3] + (True,)
+
+
+def _adapter(led: _Saved, key: str, y: tuple) -> tuple:
+    """Houlsby's bottleneck after a sublayer's projection (nanoft.adapter_layers): y + up(gelu(down(y)))."""
+    if led.run.mode != "adapter":
+        return y
+    h = led.linear(key + ".down", y, led.run.cfg.adapter_size, True, led.run.adapter_bytes)
+    g = led.pointwise(key + ".gelu", h)
+    led.linear(key + ".up", g, y[1], True, led.run.adapter_bytes)
+    return (key + ".out",) + y[1:3] + (True,)
 
 
 def _block(led: _Saved, i: int, x: tuple) -> tuple:
@@ -218,21 +244,25 @@ def _block(led: _Saved, i: int, x: tuple) -> tuple:
     if shape.arch == "llama":  # RoPE writes rotated copies of q and k: those are what attention saves
         q, k = (b + "q_rot",) + q[1:], (b + "k_rot",) + k[1:]
     s = q[2]
-    rg = q[3] or k[3] or v[3]
+    P = run.cfg.prefix_len if run.mode == "prefix" else 0  # prefix tuning: P more keys and values, which train
+    rg = q[3] or k[3] or v[3] or P > 0
     if rg and (p == 0 or run.device != "cpu"):  # flash / memory-efficient SDPA: q, k, v, out, logsumexp
-        for t in (q, k, v):
-            led.save(t[0], led.N * t[1] * s)
+        for t, extra in ((q, 0), (k, P), (v, P)):
+            led.save(t[0], (led.N + run.cfg.batch_size * extra) * t[1] * s)
+        if P:  # the widened mask (SDPA makes it an additive float tensor) and this layer's tanh(W_1 E + b_1)
+            led.save(b + "prefix.mask", T * (T + P) * s)
+            led.save(b + "prefix.hidden", P * run.cfg.prefix_hidden * s)
         led.save(b + "sdpa.lse", led.N * nh * 4)
         led.save(b + "sdpa.out", led.N * C * s)
         y = (b + "sdpa.out", C, s, True)
     elif rg:  # dropout on CPU takes the math path: copies of q, k, v and the (T x T) attention, its mask
         B = run.cfg.batch_size
         led.save(b + "sdpa.qkv", led.N * (C + 2 * kv) * s)
-        led.save(b + "sdpa.attn", 2 * B * nh * T * T * s + B * nh * T * T * led.mask_bytes(s))
+        led.save(b + "sdpa.attn", 2 * B * nh * T * (T + P) * s + B * nh * T * (T + P) * led.mask_bytes(s))
         y = (b + "sdpa.y", C, s, True)
     else:
         y = (b + "sdpa.y", C, s, False)
-    y = _lora_linear(led, b + "out", y, C, "out_proj", full)
+    y = _adapter(led, b + "attn_adapter", _lora_linear(led, b + "out", y, C, "out_proj", full))
     y = led.dropout(b + "resid_drop", y, p)
     x = (b + "x1", C, 4, x[3] or y[3])  # the residual stream stays fp32
     h = led.layernorm(b + "ln_2", x, run.norms_trainable)
@@ -245,7 +275,7 @@ def _block(led: _Saved, i: int, x: tuple) -> tuple:
         g = led.pointwise(b + "silu", gate)
         led.pointwise(b + "mul_up", up)
         g = led.pointwise(b + "mul", g)
-    y = _lora_linear(led, b + "fc_out", g, C, "fc_out", full)
+    y = _adapter(led, b + "mlp_adapter", _lora_linear(led, b + "fc_out", g, C, "fc_out", full))
     y = led.dropout(b + "mlp_drop", y, p)
     return (f"b{i + 1}.x", C, 4, x[3] or y[3])
 
