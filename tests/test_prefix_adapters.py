@@ -218,3 +218,20 @@ def test_memory_estimator_knows_prefix_and_adapters(finetune, overrides):
     assert {k: est[k] for k in ("params", "grads", "states")} == {k: got[k] for k in ("params", "grads", "states")}
     block = saved_activation_bytes(model, run, torch.Generator().manual_seed(0))["recompute"]
     assert block > 0 and abs(activation_bytes(shape, run)["recompute"] - block) <= 0.05 * block
+
+
+def test_the_kv_cache_keeps_the_prefixes_in_front():
+    """Generation's cache holds the sequence's keys and values; the prefixes go in front of them at every call,
+    whether one new position or several follow the cache (then the widened mask is explicit)."""
+    from nanoft.model import KVCache
+
+    _, model, _ = model_for("prefix")
+    model.eval()
+    x = tokens(B=2, T=10)
+    cache = [KVCache(SMALL.block_size) for _ in model.blocks]
+    model(x[:, :6], kv_cache=cache)
+    torch.testing.assert_close(model(x[:, 6:7], kv_cache=cache)[0], model(x[:, :7])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x[:, 7:10], kv_cache=cache)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    prompt = x[:1, :4]
+    greedy = [torch.cat(list(model.generate(prompt, 8, temperature=0, use_cache=c)), dim=1) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
