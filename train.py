@@ -33,7 +33,7 @@ from nanoft.memory_measure import measured_breakdown
 from nanoft.model import GPT, load_pretrained
 from nanoft.objective import NextTokenLoss
 from nanoft.optim import make_optimizer
-from nanoft.precision import pick_device, pick_dtype
+from nanoft.precision import pick_compile, pick_device, pick_dtype
 from nanoft.preferences import PreferenceBatches, load_preference_splits
 from nanoft.progress import progress
 from nanoft.sft import SFTBatches, load_sft_splits
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
         distributed.load_optimizer_state(optimizer, resume.optim, dist)
     raw_model = model
     model = distributed.wrap(model, dist, device)  # DDP first, then compile: DDP's hooks overlap comm with compute
-    if cfg.compile and device_type == "cuda":
+    if pick_compile(cfg, raw_model, device):  # "auto": when the run is long enough to repay compiling
         model = torch.compile(model)  # slow first step, faster after
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     guard = run_guard.StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> None:
     peak, peak_source = peak_flops(device, dtype)  # per device; MFU below is per device too
     if dist.is_master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {str(dtype).removeprefix('torch.')}"
-              f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+              f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ---- the loop ----
     # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.progress)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nanoft.config import LORA_TARGETS, Config
 from nanoft.lora import LoRALinear, float_weight, plain_linear
-from nanoft.precision import pick_device, pick_dtype
+from nanoft.precision import frozen_dtype, pick_device
 from nanoft.quant import Linear4bit
 from nanoft.run_guard import base_identity
 
@@ -37,9 +37,9 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
-    """The run's compute dtype, by nanoft.precision's rule (bf16 on a CUDA GPU that has it, else fp16 there,
-    float32 elsewhere): the dtype the frozen base is stored in and the NF4 weights dequantize to."""
-    return pick_dtype(cfg.dtype, pick_device(cfg.device))
+    """The dtype the frozen base is stored in and the NF4 weights dequantize to, by nanoft.precision's rule
+    (frozen_dtype: the run's compute dtype on a GPU, float32 on a CPU unless cfg.dtype names another)."""
+    return frozen_dtype(cfg.dtype, pick_device(cfg.device))
 
 
 def apply_lora(model: nn.Module, cfg: Config, device: str | torch.device | None = None,

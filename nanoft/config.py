@@ -106,7 +106,7 @@ class Config:
     # --- system ---
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # autocast dtype: auto is bfloat16 on CUDA when supported, float32 elsewhere
-    compile: bool = False  # torch.compile the model (CUDA only; slow to start)
+    compile: bool | str = "auto"  # torch.compile the model: True, False, or auto (when the run is long enough to repay it; nanoft/precision.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer states (FSDP2)
     dist_timeout: int = 600  # under torchrun: seconds a collective waits for the other ranks before failing
     seed: int = 1337  # seeds the model init and the batch order
@@ -141,6 +141,7 @@ class Config:
         for key in ("weight_decay", "grad_clip"):
             _check(key, 0 <= getattr(self, key) < math.inf, getattr(self, key), "a finite number >= 0")
         _check("eps", 0 < self.eps < 1, self.eps, "in (0, 1)")
+        _check("compile", self.compile in (True, False, "auto"), self.compile, "True, False or auto")
         _check("lora_alpha", 0 < self.lora_alpha < math.inf, self.lora_alpha, "a finite number > 0")
         _check("seed", 0 <= self.seed < 2**63, self.seed, "in [0, 2**63)")
         _check("dpo_beta", 0 < self.dpo_beta < math.inf, self.dpo_beta, "a finite number > 0")
@@ -184,9 +185,9 @@ def _check_type(key: str, expected: type, value: object) -> None:
     if expected is tuple:
         if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
             return
-    elif type(value) is expected:
+    elif type(value) is expected or type(value) in typing.get_args(expected):  # get_args: a union's members
         return
-    name = "tuple of str" if expected is tuple else expected.__name__
+    name = "tuple of str" if expected is tuple else " or ".join(t.__name__ for t in typing.get_args(expected) or [expected])
     raise ConfigError(f"config key '{key}' expects {name}, got {value!r} ({type(value).__name__})")
 
 
@@ -256,6 +257,6 @@ def describe() -> str:
     hints = typing.get_type_hints(Config)
     lines = ["config keys (set in a config file, or override with --key=value):"]
     for f in dataclasses.fields(Config):
-        kind = "tuple" if hints[f.name] is tuple else hints[f.name].__name__
+        kind = "tuple" if hints[f.name] is tuple else getattr(hints[f.name], "__name__", str(hints[f.name]))
         lines.append(f"  --{f.name}={f.default!r}  ({kind})  {comments.get(f.name, '')}")
     return "\n".join(lines)

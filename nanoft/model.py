@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from nanoft import hf
+from nanoft.chunked_loss import linear_cross_entropy
 from nanoft.config import Config
 
 
@@ -185,17 +186,21 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None,
-                kv_cache: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) token ids -> (logits, loss). With targets: logits (B, T, vocab) and the mean cross-entropy
-        over the positions where loss_mask is 1 (all positions when it is None; -1 targets are ignored too).
-        Without: logits (B, 1, vocab) of the last position only (all that generation needs) and None.
+                kv_cache: list[KVCache] | None = None, return_logits: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss). With targets: the mean cross-entropy over the positions where
+        loss_mask is 1 (all positions when it is None; -1 targets are ignored too), computed chunk by chunk
+        without the (B, T, vocab) logits (nanoft/chunked_loss.py), so logits is None; return_logits=True makes
+        the full logits and the plain loss instead. Without targets: logits (B, 1, vocab) of the last position
+        only (all that generation needs) and None.
         kv_cache (generation): one KVCache per layer; idx then continues the positions the caches hold."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
-        logits = self.lm_head(x)  # (B, T, vocab)
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)
+        if not return_logits:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 

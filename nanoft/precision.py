@@ -1,15 +1,40 @@
 """Where and in what precision a run computes: the one rule for config "auto", used by train.py, LoRA's frozen
-base (nanoft.lora) and sample.py alike, so that they never disagree.
+base (nanoft.adapters, via frozen_dtype) and sample.py alike, so that they never disagree.
 
     device "auto": CUDA if there is a GPU, else Apple's MPS, else the CPU.
     dtype "auto":  on CUDA, bf16 where the GPU has it natively (Ampere and newer): it keeps float32's range,
                    so it needs no loss scaling. Where bf16 would only be emulated (T4, V100: slower than
-                   float32) fp16, with train.py's GradScaler. Elsewhere float32: CPUs and MPS train it
-                   exactly, and a CPU's bf16 matmuls are not reliably faster.
+                   float32) fp16, with train.py's GradScaler.
+                   On a CPU, bf16 where its instructions have bf16 dot products (x86: AVX512_BF16 or AMX,
+                   Zen 4 and Sapphire Rapids onwards; Arm: the BF16 extension) and torch has oneDNN to use them:
+                   measured on a 2-core AMD EPYC with AVX512_BF16, configs/tiny.py trains 1.3x faster under bf16
+                   autocast, to the same loss (bench/bench_train.py). Without them torch emulates bf16 by
+                   converting to float32 and back, slower than float32 itself, so float32 there, and on MPS.
+                   The rule reads the CPU's flags rather than timing a matmul at start-up: a timed choice could
+                   differ between two runs on one machine (load, thermals), and a run and its resume must
+                   compute alike.
+    compile "auto": torch.compile (inductor; on a CPU it writes and builds C++ with gcc) costs a fixed time
+                   up front, once for the training graph and once more for evaluation's (eval mode, no
+                   gradients), and then saves a fraction of every step. So it pays only for a long enough run:
+                   on a CPU it is used when the run's model maths (max_iters x FLOPs per step, nanoft.flops)
+                   reach COMPILE_MIN_RUN_FLOPS, the break-even measured with bench/bench_train.py. On a GPU
+                   "auto" leaves it off (not measured here); --compile=True / False force either way anywhere.
 """
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import torch
+import torch.nn as nn
+
+from nanoft.config import Config
+from nanoft.flops import flops_per_token
+
+# the break-even in model maths: twice configs/tiny.py's 300 steps (300 x 90 GFLOP = 27 TFLOP), which compiling
+# does not end sooner on a 2-core CPU (bench/bench_train.py measures the compile cost and the saving per step)
+COMPILE_MIN_RUN_FLOPS = 54e12
 
 
 def pick_device(name: str) -> str:
@@ -23,6 +48,44 @@ def pick_device(name: str) -> str:
 def pick_dtype(name: str, device: str) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
-    if not device.startswith("cuda"):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def frozen_dtype(name: str, device: str) -> torch.dtype:
+    """What LoRA / QLoRA store a frozen base in (and NF4 weights dequantize to): the compute dtype, except on a
+    CPU under "auto", which keeps float32: autocast casts each matmul's weights to bf16 anyway, so bf16 storage
+    would only save memory, and it would change LoRA on CPU, measured and tested in float32, beyond this rule's
+    reach (the bf16 rule above was measured on pretraining)."""
+    return torch.float32 if name == "auto" and device == "cpu" else pick_dtype(name, device)
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU multiply bf16 in hardware, and can torch's oneDNN use it? Reads Linux's /proc/cpuinfo
+    (`cpuinfo` replaces it in tests); other systems answer False, so they keep exact float32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        if platform.system() != "Linux" or not path.is_file():
+            return False
+        cpuinfo = path.read_text(errors="replace")
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, Arm
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_compile(cfg: Config, model: nn.Module, device: str) -> bool:
+    """Whether train.py compiles the model: cfg.compile when it is True or False, else the rule above."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    run_flops = cfg.max_iters * tokens_per_step * flops_per_token(model, cfg.n_layer, cfg.block_size, cfg.n_embd)
+    return device == "cpu" and run_flops >= COMPILE_MIN_RUN_FLOPS

@@ -51,7 +51,7 @@ def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], devic
     try:
         for i in range(0, len(rows), rows_per_forward):
             x, y, mask = (t.to(device) for t in collate(rows[i:i + rows_per_forward], block_size))
-            logits, _ = model(x, y, mask)  # (R, T, vocab); the loss is not needed
+            logits, _ = model(x, y, mask, return_logits=True)  # (R, T, vocab); the loss is not needed
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             scores.append((logp * mask).sum(dim=1).cpu())  # (R,) log p(answer | prompt)
     finally:

@@ -269,7 +269,7 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
 
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "train.py", "configs/tiny.py", f"--out_dir={tmp_path / 'run'}", *SMALL,
-            "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1"]
+            "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1", "--compile=False"]
     launcher = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     metrics_file = tmp_path / "run" / "metrics.jsonl"

@@ -52,3 +52,13 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     peak_flops("cpu", torch.float32)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_cpu_peak_is_measured_in_the_runs_dtype_once_each():
+    """train.py's MFU divides by the peak of the dtype it computes in: a bf16 run by a bf16 matmul's."""
+    from nanoft import flops
+    flops._measured.clear()
+    bf16, source = peak_flops("cpu", torch.bfloat16)
+    assert source == "measured matmul" and 1e8 < bf16 < 1e15
+    assert set(flops._measured) == {("cpu", torch.bfloat16)}
+    assert peak_flops("cpu", torch.bfloat16)[0] == bf16

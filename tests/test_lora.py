@@ -41,7 +41,7 @@ def tokens(seed: int = 0, B: int = 3, T: int = 16) -> torch.Tensor:
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x, x)[0]  # with targets: logits at every position
+    return model(x, x, return_logits=True)[0]  # logits at every position
 
 
 def test_lora_linear_equals_base_at_init_even_with_dropout():

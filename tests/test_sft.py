@@ -76,7 +76,7 @@ def test_model_loss_is_the_response_loss_and_padding_changes_nothing():
     total, count = 0.0, 0
     for ex in examples:
         ids = torch.tensor([(list(ex.prompt_ids) or [EOT_ID]) + list(ex.response_ids)])
-        logits, _ = model(ids[:, :-1], ids[:, 1:])
+        logits, _ = model(ids[:, :-1], ids[:, 1:], return_logits=True)
         n = len(ex.response_ids)
         total += F.cross_entropy(logits[0, -n:], ids[0, -n:], reduction="sum").item()
         count += n
@@ -149,7 +149,7 @@ def test_embedded_speaker_task_and_its_score(tmp_path, monkeypatch):
             scores = []
             for cand in candidates:
                 ids = torch.tensor([list(ex.prompt_ids) + list(cand)])
-                logp = torch.log_softmax(model(ids[:, :-1], ids[:, 1:])[0][0, -len(cand):], dim=-1)
+                logp = torch.log_softmax(model(ids[:, :-1], ids[:, 1:], return_logits=True)[0][0, -len(cand):], dim=-1)
                 scores.append(logp.gather(-1, ids[0, -len(cand):, None]).sum().item())
             correct += candidates[max(range(len(scores)), key=scores.__getitem__)] == ex.response_ids
     assert acc == pytest.approx(correct / len(subset))
@@ -182,7 +182,7 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
         for ex in examples:
             ids, out = list(ex.prompt_ids), []
             while len(out) < max(map(len, answers)) + 1 and (not out or out[-1] != EOT_ID):
-                logits = model(torch.tensor([ids]), torch.tensor([ids]))[0]  # with targets: every position
+                logits = model(torch.tensor([ids]), torch.tensor([ids]), return_logits=True)[0]  # every position
                 out.append(int(logits[0, -1].argmax()))
                 ids.append(out[-1])
             exact += tuple(out) == ex.response_ids

@@ -75,7 +75,8 @@ def test_resume_after_kill_9_reproduces_every_loss_bit_for_bit(tmp_path):
 
 def test_kill_9_at_random_instants_always_leaves_a_loadable_checkpoint(tmp_path):
     rng = random.Random(0)
-    args = ["--max_iters=100000", "--log_interval=50", "--eval_interval=100000", "--save_interval=1"]
+    # long by max_iters, so compile "auto" would compile: it is killed long before, so no compiling
+    args = ["--max_iters=100000", "--log_interval=50", "--eval_interval=100000", "--save_interval=1", "--compile=False"]
     last_step = 0
     for _ in range(6):
         extra = ["--init_from=resume"] if checkpoint.exists(tmp_path) else []
@@ -103,7 +104,7 @@ def committed_step(out_dir) -> int:
 
 
 def test_ctrl_c_saves_and_exits(tmp_path):
-    args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
+    args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000", "--compile=False"]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack (see below)
     # started as a shell starts a background job (`python train.py ... &`): SIGINT inherited as ignored
     proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
