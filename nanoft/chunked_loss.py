@@ -26,8 +26,8 @@ This is Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024); Cut Cross-E
 
 Precision follows the plain path under autocast: the matmuls run in the autocast dtype (bf16), the logits
 and softmax in float32, and dL/dz is cast to the matmul dtype as autograd's cast would be. Each chunk's share
-of dL/dW comes out of its matmul in bf16 and is summed over the chunks in float32. The head's weight gets its gradient here and, when tied, the embedding's as well:
-autograd adds the two.
+of dL/dW comes out of its matmul in bf16 and is summed over the chunks in float32. A tied head's weight is
+also the token embedding: autograd adds this gradient to the lookup's.
 
     loss = linear_cross_entropy(hidden, model.lm_head.weight, targets)   # == the plain loss above
 """

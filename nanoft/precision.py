@@ -7,8 +7,9 @@ base (nanoft.adapters, via frozen_dtype) and sample.py alike, so that they never
                    float32) fp16, with train.py's GradScaler.
                    On a CPU, bf16 where its instructions have bf16 dot products (x86: AVX512_BF16 or AMX,
                    Zen 4 and Sapphire Rapids onwards; Arm: the BF16 extension) and torch has oneDNN to use them:
-                   measured on a 2-core AMD EPYC with AVX512_BF16, configs/tiny.py trains 1.3x faster under bf16
-                   autocast, to the same loss (bench/bench_train.py). Without them torch emulates bf16 by
+                   on a 2-core AMD EPYC with AVX512_BF16, configs/tiny.py trained 1.27x faster under bf16
+                   autocast on an idle machine (issue 14), and with the chunked loss no slower on a busy one
+                   (bench/bench_train.py), to the same loss. Without them torch emulates bf16 by
                    converting to float32 and back, slower than float32 itself, so float32 there, and on MPS.
                    The rule reads the CPU's flags rather than timing a matmul at start-up: a timed choice could
                    differ between two runs on one machine (load, thermals), and a run and its resume must
@@ -17,7 +18,8 @@ base (nanoft.adapters, via frozen_dtype) and sample.py alike, so that they never
                    up front, once for the training graph and once more for evaluation's (eval mode, no
                    gradients), and then saves a fraction of every step. So it pays only for a long enough run:
                    on a CPU it is used when the run's model maths (max_iters x FLOPs per step, nanoft.flops)
-                   reach COMPILE_MIN_RUN_FLOPS, the break-even measured with bench/bench_train.py. On a GPU
+                   reach COMPILE_MIN_RUN_FLOPS, the break-even measured with bench/bench_train.py, for
+                   pretraining and full fine-tuning (the graph measured). On a GPU, and for the other methods,
                    "auto" leaves it off (not measured here); --compile=True / False force either way anywhere.
 """
 from __future__ import annotations
@@ -32,9 +34,11 @@ import torch.nn as nn
 from nanoft.config import Config
 from nanoft.flops import flops_per_token
 
-# the break-even in model maths: twice configs/tiny.py's 300 steps (300 x 90 GFLOP = 27 TFLOP), which compiling
-# does not end sooner on a 2-core CPU (bench/bench_train.py measures the compile cost and the saving per step)
-COMPILE_MIN_RUN_FLOPS = 54e12
+# measured with bench/bench_train.py on configs/tiny.py (2-core AMD EPYC, shared with other jobs, so as ratios):
+# compiling took as long as 27 eager steps (training graph, then eval's) and then saved a third of every step,
+# so it repaid itself after 82 steps of 90 GFLOP, 7.4 TFLOP. The threshold leaves 2.7x of margin for that
+# estimate; tiny's 300 steps (27 TFLOP) are above it, a few-step test run (< 1 TFLOP) far below
+COMPILE_MIN_RUN_FLOPS = 20e12
 
 
 def pick_device(name: str) -> str:
@@ -88,4 +92,5 @@ def pick_compile(cfg: Config, model: nn.Module, device: str) -> bool:
         return cfg.compile
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     run_flops = cfg.max_iters * tokens_per_step * flops_per_token(model, cfg.n_layer, cfg.block_size, cfg.n_embd)
-    return device == "cpu" and run_flops >= COMPILE_MIN_RUN_FLOPS
+    measured = device == "cpu" and cfg.finetune in ("none", "full")  # pretraining's graph; LoRA & co. not measured
+    return measured and run_flops >= COMPILE_MIN_RUN_FLOPS

@@ -43,6 +43,7 @@ def test_compile_auto_only_for_runs_whose_maths_repay_it():
     assert not pick_compile(short, model, "cpu")
     assert pick_compile(long, model, "cpu")
     assert not pick_compile(long, model, "cuda")  # not measured on GPUs: "auto" leaves it off there
+    assert not pick_compile(dataclasses.replace(long, finetune="lora"), model, "cpu")  # nor for LoRA's graph
     for forced in (True, False):
         assert pick_compile(dataclasses.replace(short, compile=forced), model, "cpu") is forced
         assert pick_compile(dataclasses.replace(long, compile=forced), model, "cuda") is forced
