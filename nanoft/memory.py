@@ -283,17 +283,18 @@ def _describe(shape: ModelShape, run: Run, label: str, est: dict) -> str:
 
 def table(est: dict, got: dict | None) -> str:
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer states", "states"),
-            ("  states in host memory", "states_host"), ("activations (saved)", "activations"),
+            ("  states in host memory", "states_host"), ("DPO reference / teacher", "frozen_model"),
+            ("activations (saved)", "activations"),
             ("logits, loss grads, scratch", "transient"), ("total (peak)", "total")]
     head = f"{'':<30}{'estimate':>12}" + (f"{'measured':>12}{'diff':>9}" if got else "")
     lines = [head]
     for label, key in rows:
-        if key == "states_host" and not est[key] and not (got and got[key]):
-            continue
+        if key in ("states_host", "frozen_model") and not est[key] and not (got and got.get(key)):
+            continue  # (--measure builds only the model that trains: no reference or teacher)
         line = f"{label:<30}{fmt(est[key]):>12}"
         if got:
-            diff = f"{100 * (est[key] - got[key]) / got[key]:+.1f}%" if got[key] else ""
-            line += f"{fmt(got[key]):>12}{diff:>9}"
+            diff = f"{100 * (est[key] - got[key]) / got[key]:+.1f}%" if got.get(key) else ""
+            line += f"{fmt(got.get(key, 0)):>12}{diff:>9}"
         lines.append(line)
     if got:
         lines.append(f"  measured: exact storages; activations by saved_tensors_hooks "
@@ -312,7 +313,8 @@ def comparison(shape: ModelShape, run: Run) -> str:
     for opt in OPTIMIZERS:
         cells = []
         for mode in MODES:
-            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode), run.device, run.act_bytes)
+            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode, finetune_weights="full", teacher_from=""),
+                    run.device, run.act_bytes)
             try:
                 e = peak_bytes(shape, r)
                 static = e["params"] + e["grads"] + e["states"] + e["states_host"]

@@ -23,10 +23,10 @@ figures: there are no dimensions then, so only the per-parameter rows are estima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nanoft.config import Config
-from nanoft.model_shape import DTYPE_BYTES, ModelShape, ParamSpec, param_specs
+from nanoft.model_shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
 
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
@@ -42,10 +42,13 @@ class Run:
     def from_config(cfg: Config, cuda_available: bool = False) -> Run:
         device = cfg.device if cfg.device != "auto" else ("cuda" if cuda_available else "cpu")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-        return Run(cfg, device, DTYPE_BYTES[dtype])
+        pairs = cfg.finetune in ("dpo", "reward")  # a batch of B preference pairs is 2B rows (chosen, rejected)
+        return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
 
     @property
-    def mode(self) -> str:  # pretraining and full fine-tuning train the same tensors
+    def mode(self) -> str:  # pretraining and full fine-tuning train the same tensors (so do reward and distill)
+        if self.cfg.finetune in ("dpo", "reward", "distill"):
+            return self.cfg.lora_kind or "full"  # DPO may train LoRA/QLoRA adapters
         return "full" if self.cfg.finetune in ("none", "full") else self.cfg.finetune
 
     @property
@@ -81,7 +84,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
     specs = param_specs(shape)
     cfg = run.cfg
     if run.mode == "full":
-        return [(p, 4) for p in specs], 0
+        return [(p, 4) for p in specs + method_specs(shape, run)], 0
     if shape.arch == "nominal":
         raise ValueError(f"{run.mode} needs the layer shapes: give --shape or dimensions, not only --params")
     trainable, frozen = [], 0
@@ -104,6 +107,8 @@ def method_specs(shape: ModelShape, run: Run) -> list[ParamSpec]:
     """What prefix tuning trains (nanoft.prefix.PrefixEncoder: the embedding and the MLP that make every layer's
     prefixes) or the adapters (nanoft.adapter_layers: two bottlenecks a block); float32, like LoRA's."""
     cfg, C, L = run.cfg, shape.n_embd, shape.n_layer
+    if cfg.finetune == "reward":  # nanoft.reward's scalar head on the last response token
+        return [ParamSpec("reward_head.weight", (1, C)), ParamSpec("reward_head.bias", (1,))]
     if run.mode == "prefix":
         P, H = cfg.prefix_len, cfg.prefix_hidden
         return [ParamSpec("prefix.embedding", (P, C)), ParamSpec("prefix.hidden.weight", (H, C)),
@@ -148,7 +153,8 @@ def static_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     states = sum(state_bytes(p, e, run.cfg) for p, e in trainable)
     paged = run.cfg.optimizer.startswith("paged")
     return {"params": params, "grads": grads, "states": 0 if paged else states, "states_host": states if paged else 0,
-            "n_params": shape.num_params(), "n_trainable": sum(p.numel for p, _ in trainable)}
+            "n_params": shape.num_params(), "n_trainable": sum(p.numel for p, _ in trainable),
+            "frozen_model": 4 * second.num_params() if (second := frozen_model_shape(run.cfg, shape)) else 0}
 
 
 # --- activations: what autograd saves for backward ------------------------------------------------------
@@ -366,7 +372,7 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     logits = N * V * s if shape.arch != "nominal" else 0
     batch = 2 * N * 8 if shape.arch != "nominal" else 0
     # on a CPU the host is the device: a paged optimizer's states are in the same memory
-    base = st["params"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
+    base = st["params"] + st["frozen_model"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
     g_prev = st["grads"] if cfg.grad_accum > 1 else 0
     head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
     fwd, head_saved = act["forward"], N * V * 4  # the log-softmax goes before any block's backward

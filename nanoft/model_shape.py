@@ -7,8 +7,11 @@ bytes; nothing here allocates a tensor.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from nanoft.config import Config
 
@@ -50,6 +53,21 @@ class ModelShape:
 
     def num_params(self) -> int:
         return sum(p.numel for p in param_specs(self))
+
+
+def frozen_model_shape(cfg: Config, shape: ModelShape) -> ModelShape | None:
+    """The second, frozen model a run keeps beside the one it trains (float32 weights, used under no_grad): DPO
+    with full weights keeps its starting model as the reference (with LoRA the reference is the same model with
+    its adapters off: none); distillation keeps its teacher, in the shape its checkpoint's ckpt.json records."""
+    if cfg.finetune == "dpo" and not cfg.lora_kind:
+        return shape
+    if cfg.finetune != "distill":
+        return None
+    meta = Path(cfg.teacher_from) / "ckpt.json"
+    if not meta.is_file():
+        raise ValueError(f"teacher_from={cfg.teacher_from!r} holds no checkpoint to read the teacher's shape from")
+    teacher = Config.from_dict(json.loads(meta.read_text())["config"])
+    return ModelShape.from_config(dataclasses.replace(teacher, block_size=cfg.block_size))  # the student's context
 
 
 # Presets: published dimensions. LLaMA-2 7B (hidden 4096, 32 layers, SwiGLU 11008, 32 heads, vocab 32000) has

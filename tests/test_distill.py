@@ -13,6 +13,8 @@ from nanoft import checkpoint
 from nanoft.config import Config
 from nanoft.distill import Distillation, distill_loss, load_teacher
 from nanoft.model import GPT
+from nanoft.memory_estimate import Run, static_bytes
+from nanoft.model_shape import ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +114,10 @@ def test_train_distill_logs_both_parts_and_the_student_samples(tmp_path):
     record = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_kl", "train_ce", "val_loss"} <= set(record) and "sample:" in r.stdout
     assert checkpoint.load(tmp_path / "student").config["n_embd"] == 16
+
+
+def test_memory_estimate_counts_the_teacher_in_its_own_shape(tmp_path):
+    teacher = save_teacher(tmp_path / "teacher")
+    cfg = Config(n_layer=1, n_head=2, n_embd=16, block_size=16, finetune="distill", teacher_from=str(tmp_path / "teacher"))
+    est = static_bytes(ModelShape.from_config(cfg), Run.from_config(cfg))
+    assert est["frozen_model"] == 4 * sum(p.numel() for n, p in teacher.named_parameters() if n != "wpe.weight") + 4 * 16 * 32

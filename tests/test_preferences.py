@@ -16,6 +16,8 @@ from nanoft.adapters import apply_lora
 from nanoft.config import Config
 from nanoft.dpo import DPO, FrozenReference, dpo_loss
 from nanoft.logprobs import sequence_logprobs
+from nanoft.memory_estimate import Run, static_bytes
+from nanoft.model_shape import ModelShape
 from nanoft.model import GPT
 from nanoft.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
 from nanoft.reward import RewardModel, bradley_terry_loss, load_reward_model, main as reward_main, rewards
@@ -237,3 +239,17 @@ def test_resume_refuses_other_weights_or_other_pairs(tmp_path, key, saved, now):
     resume = checkpoint.Checkpoint(step=1, config=Config(finetune="dpo", **{key: saved}).to_dict(), model={})
     with pytest.raises(checkpoint.CheckpointError, match=key):
         run_guard.check_resume(resume, Config(finetune="dpo", out_dir=str(tmp_path), **{key: now}))
+
+
+def test_memory_estimate_knows_dpo_and_the_reward_head():
+    shape = ModelShape.from_config(Config(**SMALL))
+    full = static_bytes(shape, Run.from_config(Config(**SMALL, finetune="full")))
+    dpo_full = static_bytes(shape, Run.from_config(Config(**SMALL, finetune="dpo")))
+    assert dpo_full["frozen_model"] == full["params"] and dpo_full["n_trainable"] == full["n_trainable"]
+    dpo_lora = static_bytes(shape, Run.from_config(Config(**SMALL, finetune="dpo", finetune_weights="lora")))
+    lora = static_bytes(shape, Run.from_config(Config(**SMALL, finetune="lora")))
+    assert dpo_lora["frozen_model"] == 0 and dpo_lora["n_trainable"] == lora["n_trainable"]  # adapters off: no copy
+    reward = static_bytes(shape, Run.from_config(Config(**SMALL, finetune="reward")))
+    model = GPT(Config(**SMALL))
+    RewardModel(Config(**SMALL, finetune="reward"), model, "cpu")
+    assert reward["n_trainable"] == full["n_trainable"] + 16 + 1 == sum(p.numel() for p in model.parameters())
