@@ -37,7 +37,8 @@ if not CUDA:
 from nanoft.config import load_config  # noqa: E402
 from nanoft.kernels import dequantize_blockwise8, dequantize_nf4, dynamic_map, quantize_blockwise8, quantize_nf4  # noqa: E402
 from nanoft.kernels.adamw8bit import adamw8bit_update_  # noqa: E402
-from nanoft.memory_estimate import Run, peak_bytes  # noqa: E402
+from nanoft.memory_estimate import Run  # noqa: E402
+from nanoft.memory_peak import peak_bytes  # noqa: E402
 from nanoft.model_shape import ModelShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
-from nanoft.memory_estimate import Run, peak_bytes
+from nanoft.memory_estimate import Run
+from nanoft.memory_peak import peak_bytes
 from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT

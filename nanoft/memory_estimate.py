@@ -25,8 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
 from nanoft.config import Config
 from nanoft.model_shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
+from nanoft.precision import pick_dtype
 
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
@@ -41,7 +44,10 @@ class Run:
     @staticmethod
     def from_config(cfg: Config, cuda_available: bool = False) -> Run:
         device = cfg.device if cfg.device != "auto" else ("cuda" if cuda_available else "cpu")
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        dtype = cfg.dtype
+        if dtype == "auto":  # train.py's own rule (nanoft.precision); a GPU that is not here is taken to have bf16
+            gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
+            dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device)).removeprefix("torch.")
         pairs = cfg.finetune in ("dpo", "reward")  # a batch of B preference pairs is 2B rows (chosen, rejected)
         return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
 
@@ -322,77 +328,13 @@ def activation_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
             led.bytes = before
             led.save(x_in[0], led.N * C * 4)
     h = led.layernorm("ln_f", x, run.norms_trainable)
-    led.linear("lm_head", h, shape.vocab_size, full)
-    led.save("log_softmax", led.N * shape.vocab_size * 4)  # cross-entropy in fp32: (B*T, vocab)
-    led.save("targets", led.N * 8 + 4)  # and nll_loss's total weight, a 0-dim fp32
+    # the chunked loss (nanoft.chunked_loss) works out both gradients during forward and keeps only them, never
+    # the logits: dL/dh at h's dtype (fp32 after ln_f) and, when the head trains, dL/dW in fp32; and the targets
+    if h[3]:
+        led.save("loss.grad_hidden", led.N * C * 4)
+    if full:
+        led.save("loss.grad_weight", shape.vocab_size * C * 4)
+    led.save("targets", led.N * 8)
     forward = sum(led.bytes.values())
     recompute = max(blocks) if ckpt else 0
     return {"forward": forward, "per_block": max(blocks), "recompute": recompute, "peak": forward + recompute}
-
-
-# --- the peak: the moment in a step when the most is alive --------------------------------------------
-
-def scratch_bytes(trainable: list[tuple[ParamSpec, int]], run: Run) -> int:
-    """Optimizer temporaries during step() (approximate): torch's AdamW on CPU updates one tensor at a time and
-    makes two fp32 temporaries of it (sqrt(v), then / bias correction); on CUDA the foreach path makes one for
-    all tensors at once. nanoft's 8-bit and Adafactor updates also work tensor by tensor."""
-    if not trainable:
-        return 0
-    biggest = max(p.numel for p, _ in trainable)
-    if run.cfg.optimizer == "adamw" and run.device == "cuda":
-        return 0  # make_optimizer asks for the fused CUDA kernel: it updates in place
-    opt, page = run.cfg.optimizer, min(run.cfg.page_size, biggest)
-    if opt.startswith("paged") and run.device == "cuda":  # about three pages of states visit the GPU
-        return 3 * (8 if opt == "paged_adamw" else 2) * page
-    if opt.endswith("8bit"):  # CUDA: fused Triton update in place. CPU: the PyTorch reference update makes about
-        # eight fp32 temporaries of the tensor (or page) it updates: read off the allocator trace of a 100M step
-        return 0 if run.device == "cuda" else 33 * (page if opt.startswith("paged") else biggest)
-    return 2 * 4 * (page if opt.startswith("paged") else biggest)
-
-
-def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
-    """The whole estimate: the exact rows, the activations, and the peak over the moments of one step.
-
-    Between steps memory holds parameters and optimizer states (gradients too while micro-batches accumulate:
-    zero_grad(set_to_none) frees them after step()), the batch, and the logits that train.py's `_, loss = model(..)`
-    keeps until the next forward returns. On top of that, the peak is the largest of:
-      loss backward    all activations + cross-entropy's two (B*T, vocab) fp32 gradients
-      head backward    activations less the log-softmax + the logits' gradient + lm_head's weight gradient
-      block recompute  (checkpointing) the block inputs + one block's activations + the gradient flowing through
-      end of backward  every gradient + the embedding's dense gradient, before it is added into .grad
-      optimizer step   every gradient + the optimizer's temporaries
-    The moments were read off allocator traces of real steps (see `python -m nanoft.memory CONFIG --measure`).
-    """
-    st = static_bytes(shape, run)
-    act = activation_bytes(shape, run)
-    cfg = run.cfg
-    N, V, C = cfg.batch_size * cfg.block_size, shape.vocab_size, shape.n_embd
-    trainable, _ = trainable_and_frozen(shape, run)
-    s = run.act_bytes
-    logits = N * V * s if shape.arch != "nominal" else 0
-    batch = 2 * N * 8 if shape.arch != "nominal" else 0
-    # on a CPU the host is the device: a paged optimizer's states are in the same memory
-    base = st["params"] + st["frozen_model"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
-    g_prev = st["grads"] if cfg.grad_accum > 1 else 0
-    head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
-    fwd, head_saved = act["forward"], N * V * 4  # the log-softmax goes before any block's backward
-    moments = {
-        "loss backward": g_prev + fwd + 2 * N * V * 4,
-        "head backward": g_prev + fwd - head_saved + N * V * s + head_grad + N * C * s,
-        "end of backward": st["grads"] + head_grad,  # the embedding's dense gradient, before it is added in
-        "optimizer step": st["grads"] + scratch_bytes(trainable, run),
-    }
-    if act["recompute"]:  # checkpointing: one block's activations come back, with the gradient flowing through
-        moments["block recompute"] = g_prev + head_grad + fwd - head_saved + act["recompute"] + 2 * N * C * 4
-    if shape.arch == "nominal":  # no dimensions: only the per-parameter rows
-        moments = {"no dimensions (parameters + gradients + states only)": st["grads"]}
-    worst = max(moments, key=moments.get)
-    total = base + moments[worst]
-    return {**st, "activations": act["peak"], "act_forward": act["forward"], "act_recompute": act["recompute"],
-            "logits": logits, "transient": total - (base - logits - batch) - st["grads"] - act["peak"],
-            "total": total, "peak_moment": worst, "rule_16_bytes": 16 * st["n_params"]}
-
-
-def rule_16_bytes(n_params: int) -> int:
-    """The 16 bytes/parameter rule's full fine-tune estimate without activations: 4 (weights) + 4 (grads) + 8 (Adam) bytes/param."""
-    return 16 * n_params

@@ -12,7 +12,8 @@ import torch
 from nanoft.config import Config, ConfigError
 from nanoft.memory import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
                            train_step)
-from nanoft.memory_estimate import Run, activation_bytes, peak_bytes, rule_16_bytes, static_bytes
+from nanoft.memory_estimate import Run, activation_bytes, static_bytes
+from nanoft.memory_peak import peak_bytes, rule_16_bytes
 from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.model import GPT
 

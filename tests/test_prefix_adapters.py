@@ -206,7 +206,8 @@ def test_memory_estimator_knows_prefix_and_adapters(finetune, overrides):
     saves in one block within 5% (a block's, measured as gradient checkpointing's recompute: the loss head is not
     these methods' business). The config's LoRA targets are ignored by both methods, in the model and the estimate."""
     from nanoft.memory import build, exact_bytes, saved_activation_bytes, train_step
-    from nanoft.memory_estimate import Run, activation_bytes, peak_bytes
+    from nanoft.memory_estimate import Run, activation_bytes
+    from nanoft.memory_peak import peak_bytes
     from nanoft.model_shape import ModelShape
 
     cfg = dataclasses.replace(SMALL, finetune=finetune, n_head=4, n_embd=64, vocab_size=500, batch_size=3,
