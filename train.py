@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     device = pick_device(cfg.device)
     dist = distributed.setup(device, cfg)
     device = distributed.device_for(dist, device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, cfg.n_embd)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)  # same init on every rank

@@ -9,7 +9,9 @@ base (nanoft.adapters, via frozen_dtype) and sample.py alike, so that they never
                    Zen 4 and Sapphire Rapids onwards; Arm: the BF16 extension) and torch has oneDNN to use them:
                    on a 2-core AMD EPYC with AVX512_BF16, configs/tiny.py trained 1.27x faster under bf16
                    autocast on an idle machine (issue 14), and with the chunked loss no slower on a busy one
-                   (bench/bench_train.py), to the same loss. Without them torch emulates bf16 by
+                   (bench/bench_train.py), to the same loss. Only for models at least CPU_BF16_MIN_WIDTH wide:
+                   at n_embd 32 the casts outweigh the faster multiplies (bf16 ran at 0.62x float32's speed,
+                   side by side in bench/bench_train.py). Without them torch emulates bf16 by
                    converting to float32 and back, slower than float32 itself, so float32 there, and on MPS.
                    The rule reads the CPU's flags rather than timing a matmul at start-up: a timed choice could
                    differ between two runs on one machine (load, thermals), and a run and its resume must
@@ -39,6 +41,7 @@ from nanoft.flops import flops_per_token
 # so it repaid itself after 82 steps of 90 GFLOP, 7.4 TFLOP. The threshold leaves 2.7x of margin for that
 # estimate; tiny's 300 steps (27 TFLOP) are above it, a few-step test run (< 1 TFLOP) far below
 COMPILE_MIN_RUN_FLOPS = 20e12
+CPU_BF16_MIN_WIDTH = 128  # configs/tiny.py's width, where bf16 was measured no slower (module docstring)
 
 
 def pick_device(name: str) -> str:
@@ -49,12 +52,13 @@ def pick_device(name: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def pick_dtype(name: str, device: str) -> torch.dtype:
+def pick_dtype(name: str, device: str, n_embd: int = 0) -> torch.dtype:
+    """The compute (autocast) dtype for config dtype `name`; n_embd: the model's width (the CPU rule needs it)."""
     if name != "auto":
         return getattr(torch, name)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device == "cpu" and cpu_has_native_bf16():
+    if device == "cpu" and cpu_has_native_bf16() and n_embd >= CPU_BF16_MIN_WIDTH:
         return torch.bfloat16
     return torch.float32
 
