@@ -4,8 +4,6 @@ learning on real pairs, the preference data and its errors, a DPO run of train.p
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,13 @@ from nanoft.config import Config
 from nanoft.dpo import DPO, FrozenReference, dpo_loss
 from nanoft.logprobs import sequence_logprobs
 from nanoft.memory_estimate import Run, static_bytes
-from nanoft.model_shape import ModelShape
 from nanoft.model import GPT
+from nanoft.model_shape import ModelShape
 from nanoft.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
 from nanoft.reward import RewardModel, bradley_terry_loss, load_reward_model, main as reward_main, rewards
 from nanoft.sft import SFTExample, collate, fit_to_block
+
+import train  # the repository's scripts: run here, in this process
 from sample import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,25 +197,26 @@ def save_base(path, cfg):
     checkpoint.save(path, checkpoint.Checkpoint(step=1, config=cfg.to_dict(), model=GPT(cfg).state_dict()))
 
 
-def test_train_dpo_with_lora_saves_the_adapter_that_sample_py_applies(tmp_path):
-    """train.py end to end on a small JSONL: logs the rewards, saves only the adapter, sample.py applies it to its base."""
+def test_train_dpo_with_lora_saves_the_adapter_that_sample_py_applies(tmp_path, capsys, monkeypatch):
+    """train.py's main (in this process: no second interpreter start-up) on a small JSONL: logs the rewards, saves
+    only the adapter, and sample.py's loader applies it to its base."""
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"ROMEO:\nLine {i}\n", "chosen": "O, she doth teach the torches\n",
                                         "rejected": "Wherefore art thou\n"}) + "\n" for i in range(20)))
     save_base(tmp_path / "base", Config(**{**SMALL, "block_size": 32}))
-    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=600)
-    r = subprocess.run([sys.executable, "train.py", "configs/dpo.py", f"--out_dir={tmp_path / 'dpo'}", "--n_layer=1",
-                        "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4", "--eval_iters=1", "--warmup_iters=0",
-                        "--max_iters=2", "--eval_interval=2", "--save_interval=2", "--dtype=float32",
-                        f"--init_from={tmp_path / 'base'}", f"--preference_data={data}"], **run)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "held-out preference accuracy" in r.stdout
+    monkeypatch.chdir(ROOT)
+    train.main(["configs/dpo.py", f"--out_dir={tmp_path / 'dpo'}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+                "--block_size=32", "--batch_size=4", "--eval_iters=1", "--warmup_iters=0", "--max_iters=2",
+                "--eval_interval=2", "--save_interval=2", "--dtype=float32", f"--init_from={tmp_path / 'base'}",
+                f"--preference_data={data}"])
+    assert "held-out preference accuracy" in capsys.readouterr().out
     record = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_reward_accuracy", "train_reward_margin", "val_reward_accuracy", "val_loss"} <= set(record)
     saved = checkpoint.load(tmp_path / "dpo").model
     assert saved and all("lora_" in k for k in saved)  # the adapter only
-    s = subprocess.run([sys.executable, "sample.py", str(tmp_path / "dpo"), "--prompt=ROMEO:", "--max_new_tokens=3"], **run)
-    assert s.returncode == 0 and s.stdout.startswith("ROMEO:"), s.stderr[-2000:]
+    model = load_model(str(tmp_path / "dpo"))
+    assert {n for n, _ in model.named_parameters() if "lora_" in n} == set(saved)
+    assert all(torch.equal(dict(model.named_parameters())[k], v) for k, v in saved.items())
 
 
 def test_a_saved_reward_model_loads_with_its_head_and_scores(tmp_path, capsys):
