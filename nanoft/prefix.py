@@ -15,8 +15,8 @@ concatenates, and hands SDPA the widened mask. Only the prefixes train: L · 2 �
 (configs/prefix.py: 4 · 2 · 10 · 128 = 10,240), and the model itself is untouched.
 
 Reparameterisation. Optimizing the prefixes directly is unstable and sensitive to the learning rate (the
-paper's section 4.3), so during training they are the output of a small MLP over a smaller trained
-embedding E (P, C):
+paper's section 4.3), so during training they are the output of a small MLP over a trained embedding
+E (P, C), one row per prefix position, shared by every layer:
 
     [K_1; V_1; ...; K_L; V_L] = W_2 tanh(W_1 E + b_1) + b_2        W_1: (H, C), W_2: (L · 2 · C, H)
 
@@ -24,7 +24,7 @@ E, W_1, b_1, W_2, b_2 train (configs/prefix.py, H = prefix_hidden = 128: 149,888
 only the product matters, so `fold` evaluates the MLP once and keeps the (K_l, V_l) as a `PrefixTable`.
 A checkpoint's model tensors are that table alone (prefix.key and prefix.value, each (L, P, C)): what
 sample.py loads. A run that may be resumed also needs E and the MLP, which are saved beside the optimizer
-state as training state (Checkpoint.train_state), never loaded for inference.
+state as training state (Checkpoint.train_only), never loaded for inference.
 
 The prefixes are extra attention positions, not a change to any weight, so they cannot be merged into the
 base; sample.py applies them to it.
