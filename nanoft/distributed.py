@@ -22,6 +22,13 @@ for parameters + gradients + Adam states is about 1/N of the model's, at the cos
 Unlike DDP, the gradients are reduce-scattered on every micro-step of gradient accumulation: skipping it
 would keep a full-size gradient on every rank, which is exactly the memory sharding exists to save.
 
+LoRA and QLoRA shard too: the frozen base like any weight (FSDP2 gathers frozen parameters and reduces no
+gradient for them); the adapters (and trained norms) are a few KiB and stay whole on every rank, their
+gradients averaged across ranks as DDP does. QLoRA's NF4 weights become frozen 1-D parameters (the
+uint8 codes and their block scales: `Linear4bit.hold_as_parameters`), each Linear4bit its own group, so each
+rank keeps 1/N of the codes and scales and the layer dequantizes the gathered whole in forward and backward.
+So rank 0 holds the whole adapters and writes the adapter file a single process writes.
+
 With bf16 (or fp16) training, FSDP2 keeps the sharded master weights, their gradients and the optimizer
 in float32, all-gathers the parameters in the low precision (half the traffic and the transient memory of
 the unsharded block) and reduce-scatters gradients in float32 (`mixed_precision`).
@@ -56,7 +63,7 @@ from nanoft import checkpoint
 # Every optimizer takes sharded parameters: torch.optim.AdamW is element-wise and DTensor-aware; nanoft's own
 # compute over whole tensors (8-bit blocks, Adafactor's row and column statistics) and do that across the
 # ranks' shards (nanoft.optim.sharded), so the gathered state is the one a single process has.
-FSDP_FINETUNE = ("none", "full")  # LoRA/QLoRA train a small adapter: DDP is the tool for them
+FSDP_FINETUNE = ("none", "full", "lora", "qlora")  # prefix tuning and adapter layers: DDP (fsdp=False)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,8 @@ def check_fsdp(cfg) -> None:
     if not cfg.fsdp:
         return
     if cfg.finetune not in FSDP_FINETUNE:
-        raise ValueError(f"fsdp=True supports finetune=none or full, not {cfg.finetune}: "
-                         "adapters are small, train them with DDP (fsdp=False)")
+        raise ValueError(f"fsdp=True supports finetune=none, full, lora or qlora, not {cfg.finetune}: "
+                         "train it with DDP (fsdp=False)")
 
 
 def launched_rank() -> int:
@@ -161,12 +168,29 @@ def place(model: nn.Module, d: Dist, device: str, dtype: torch.dtype = torch.flo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from nanoft.quant import Linear4bit
+
     mesh = init_device_mesh(device.split(":")[0], (d.world_size,))
     policy = mixed_precision(dtype) or MixedPrecisionPolicy()  # the default casts nothing
+    # LoRA/QLoRA: the few trained tensors stay whole on every rank (DDP-style: each gradient averaged as it is
+    # made), so rank 0 saves the adapters a single process saves; the frozen base is what is worth sharding
+    replicated = {p for p in model.parameters() if p.requires_grad} if is_lora(model) else set()
+    for p in replicated:
+        p.register_hook(lambda grad: mean_across_ranks(grad, d))
+    for nf4 in [m for m in model.modules() if isinstance(m, Linear4bit)]:  # QLoRA's frozen base
+        nf4.hold_as_parameters()  # codes and scales become frozen 1-D parameters: sharded like any weight
+        fully_shard(nf4, mesh=mesh, mp_policy=MixedPrecisionPolicy())  # own group: the scales are never cast
+        nf4.weight = nf4.nf4_weight()  # now over this rank's shards: the whole codes are freed
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=replicated)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=replicated)
     return model
+
+
+def is_lora(model: nn.Module) -> bool:
+    from nanoft.lora import LoRALinear
+
+    return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def wrap(model: nn.Module, d: Dist, device: str) -> nn.Module:

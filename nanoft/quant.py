@@ -28,6 +28,7 @@ All are plain tensors (no shared storage), so `safetensors.torch.save_file(layer
 """
 import json
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -161,8 +162,28 @@ class Linear4bit(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
+    def hold_as_parameters(self) -> None:
+        """For FSDP2 (nanoft.distributed.place): hold the NF4 storage as frozen parameters, so that fully_shard
+        splits it like any other weight: `nf4_packed` (uint8 codes), `nf4_absmax` (uint8 or float32 scales) and,
+        double quantized, `nf4_nested_absmax` (float32), all 1-D. Each rank then keeps 1/N of the codes and of
+        their scales; the all-gather before forward (and again before backward) makes them whole, and forward
+        rebuilds the NF4 weight from them (`nf4_weight`). The scalar offset is a few bytes: every rank keeps it."""
+        s = self.weight.state
+        self.nf4_packed = nn.Parameter(s.packed, requires_grad=False)
+        self.nf4_absmax = nn.Parameter(s.absmax, requires_grad=False)
+        if s.double_quant:
+            self.nf4_nested_absmax = nn.Parameter(s.nested_absmax, requires_grad=False)
+
+    def nf4_weight(self) -> NF4Tensor:
+        """The NF4 weight, rebuilt from the held parameters (whole inside an FSDP2 forward) if it is held so."""
+        if not hasattr(self, "nf4_packed"):
+            return self.weight
+        nested = getattr(self, "nf4_nested_absmax", None)
+        return NF4Tensor(replace(self.weight.state, packed=self.nf4_packed, absmax=self.nf4_absmax,
+                                 nested_absmax=nested))
+
     def forward(self, x: Tensor) -> Tensor:
-        out = _NF4Linear.apply(x.to(self.compute_dtype), self.weight)  # (..., out_features)
+        out = _NF4Linear.apply(x.to(self.compute_dtype), self.nf4_weight())  # (..., out_features)
         if self.bias is not None:
             out = out + self.bias.to(self.compute_dtype)
         if torch.is_autocast_enabled(x.device.type):
@@ -171,7 +192,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out, in), in `dtype` (default: the compute dtype)."""
-        return self.weight.dequantize(dtype or self.compute_dtype)
+        return self.nf4_weight().dequantize(dtype or self.compute_dtype)
 
     @property
     def bits_per_param(self) -> float:
@@ -185,8 +206,9 @@ class Linear4bit(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
-        destination.update(self.weight.to_state_dict(prefix + "weight"))
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (and the held nf4_* shards, if held)
+        if not hasattr(self, "nf4_packed"):
+            destination.update(self.weight.to_state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
