@@ -24,9 +24,8 @@ import torch
 
 from nanoft import checkpoint, distill, distributed, dpo, hf, plot, reward, run_guard
 from nanoft.peft_methods import apply_method, load_trained, method_config, peft_method, saved_tensors, trainable_summary
-from nanoft.config import Config, describe, load_config
-from nanoft.corpus import ensure_dataset
-from nanoft.data import Batches
+from nanoft.config import describe, load_config
+from nanoft.datasets import make_batches
 from nanoft.flops import flops_per_token, peak_flops
 from nanoft.lr import warmup_cosine
 from nanoft.memory_measure import measured_breakdown
@@ -34,9 +33,7 @@ from nanoft.model import GPT, load_pretrained
 from nanoft.objective import NextTokenLoss
 from nanoft.optim import make_optimizer
 from nanoft.precision import pick_compile, pick_device, pick_dtype
-from nanoft.preferences import PreferenceBatches, load_preference_splits
 from nanoft.progress import progress
-from nanoft.sft import SFTBatches, load_sft_splits
 from nanoft.sft_eval import task_report
 from nanoft.tokenizer import get_tokenizer
 
@@ -103,17 +100,7 @@ def main(argv: list[str]) -> None:
     guard = run_guard.StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
-    if cfg.finetune in ("none", "distill"):
-        data_dir = ensure_dataset(cfg.dataset) if dist.is_master else None
-        distributed.barrier(dist)  # the other ranks wait for rank 0 to prepare the data
-        data_dir = run_guard.check_token_files(ensure_dataset(cfg.dataset), cfg.vocab_size)  # whole ids < vocab
-        train_batches = Batches(data_dir / "train.bin", cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
-        val_batches = Batches(data_dir / "val.bin", cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
-    else:  # prompt/response pairs (SFT), or prompt/chosen/rejected pairs (DPO, reward model)
-        load, Rows = (load_preference_splits, PreferenceBatches) if cfg.finetune in ("dpo", "reward") else (load_sft_splits, SFTBatches)
-        train_examples, val_examples = load(cfg)
-        train_batches = Rows(train_examples, cfg.batch_size, cfg.block_size, cfg.seed, device, dist.rank, dist.world_size)
-        val_batches = Rows(val_examples, cfg.batch_size, cfg.block_size, cfg.seed + 1, device, dist.rank, dist.world_size)
+    train_batches, val_batches, val_examples = make_batches(cfg, dist, device)  # nanoft.datasets: which rows, by method
     start_step, best_val = 0, checkpoint.best_val_loss(cfg.out_dir) if resume else float("inf")
     if resume:  # the same data row even if the global batch changed (then converted, and printed)
         train_batches.load_state_dict(run_guard.resumed_position(resume, cfg, dist.world_size))
