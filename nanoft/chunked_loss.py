@@ -99,13 +99,19 @@ def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
     for start in range(0, hidden.size(0), rows):
         h, y, keep = hidden[start:start + rows].to(dtype), targets[start:start + rows], counted[start:start + rows]
+        z = dz = None  # drop the previous chunk's logits before making this one's: one chunk alive, not two
         z = (h @ w.T).float()  # (rows, V): this chunk's logits, the only ones alive
         y = y.clamp(min=0).unsqueeze(1)  # ignored rows point at token 0; `keep` zeroes their terms
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        total += ((lse - z.gather(1, y)).squeeze(1) * keep).sum()
+        z_y = z.gather(1, y)
+        # logsumexp by hand, in place: torch.logsumexp would allocate two more (rows, V) temporaries
+        # (z - max, and its exp); here z itself becomes exp(z - max), then the softmax
+        z_max = z.amax(dim=1, keepdim=True)
+        sum_exp = z.sub_(z_max).exp_().sum(dim=1, keepdim=True)
+        lse = z_max + sum_exp.log()
+        total += ((lse - z_y).squeeze(1) * keep).sum()
         if not (want_hidden or want_weight):
             continue
-        dz = z.sub_(lse).exp_()  # softmax, in place: z is not needed again
+        dz = z.div_(sum_exp)  # softmax p = exp(z - max) / sum exp(z - max), in place: z is not needed again
         dz.scatter_add_(1, y, torch.full_like(y, -1, dtype=dz.dtype))  # p - onehot(y)
         dz.mul_(keep.unsqueeze(1) * inv_n)  # / n, and 0 for ignored rows
         dz = dz.to(dtype)  # the matmul dtype, as autograd's cast of the float32 logits' gradient would

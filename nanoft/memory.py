@@ -276,9 +276,10 @@ def _describe(shape: ModelShape, run: Run, label: str, est: dict) -> str:
         what = (f"{shape.arch} {shape.n_layer} layers x {shape.n_embd} wide, {est['n_params'] / 1e6:,.2f}M parameters"
                 f" ({est['n_trainable'] / 1e6:,.2f}M trainable)")
     dtype = {4: "float32", 2: cfg.dtype if cfg.dtype != "auto" else "bfloat16"}[run.act_bytes]
+    frozen = {4: "float32", 2: dtype}[run.frozen_bytes]
     return (f"memory of {label}: {what}\n"
             f"  {run.mode} ({cfg.finetune}), {cfg.optimizer}, {run.device}, activations in {dtype} "
-            f"({'parameters float32' if run.mode == 'full' else f'frozen base {dtype}, trained float32'}), batch {cfg.batch_size} x {cfg.block_size} tokens, grad_accum {cfg.grad_accum}, "
+            f"({'parameters float32' if run.mode == 'full' else f'frozen base {frozen}, trained float32'}), batch {cfg.batch_size} x {cfg.block_size} tokens, grad_accum {cfg.grad_accum}, "
             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
 
 

@@ -29,7 +29,7 @@ import torch
 
 from nanoft.config import Config
 from nanoft.model_shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
-from nanoft.precision import pick_dtype
+from nanoft.precision import frozen_dtype, pick_dtype
 
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
@@ -47,7 +47,7 @@ class Run:
         dtype = cfg.dtype
         if dtype == "auto":  # train.py's own rule (nanoft.precision); a GPU that is not here is taken to have bf16
             gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
-            dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device)).removeprefix("torch.")
+            dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device, cfg.n_embd)).removeprefix("torch.")
         pairs = cfg.finetune in ("dpo", "reward")  # a batch of B preference pairs is 2B rows (chosen, rejected)
         return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
 
@@ -66,8 +66,11 @@ class Run:
         return 4
 
     @property
-    def frozen_bytes(self) -> int:  # the frozen base: stored in the compute dtype (bf16 on CUDA), as peft does
-        return self.act_bytes
+    def frozen_bytes(self) -> int:  # the frozen base: in the compute dtype (bf16 on CUDA), as peft does; on a
+        # CPU nanoft.precision.frozen_dtype's rule (float32 under "auto")
+        if self.device != "cpu":
+            return self.act_bytes
+        return DTYPE_BYTES[str(frozen_dtype(self.cfg.dtype, self.device)).removeprefix("torch.")]
 
 
 def nf4_bytes(numel: int, blocksize: int, double_quant: bool, on_cpu: bool = True) -> int:

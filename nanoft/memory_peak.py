@@ -36,7 +36,7 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     Between steps memory holds parameters and optimizer states (gradients too while micro-batches accumulate:
     zero_grad(set_to_none) frees them after step()) and the batch; the chunked loss leaves no logits behind.
     On top of that, the peak is the largest of:
-      loss forward     all activations + one chunk's float32 logits and logsumexp's scratch (nanoft.chunked_loss)
+      loss forward     all activations + one chunk's float32 logits, the softmax made in place (nanoft.chunked_loss)
       head backward    all activations + the loss's two saved gradients, scaled into new tensors
       block recompute  (checkpointing) the block inputs + one block's activations + the gradients flowing through
       end of backward  every gradient + the embedding's dense gradient, before it is added into .grad
@@ -56,9 +56,15 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     base = st["params"] + st["frozen_model"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
     g_prev = st["grads"] if cfg.grad_accum > 1 else 0
     head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
+    head_elem = 4 if run.mode == "full" else run.frozen_bytes  # the head weight's dtype: autocast casts it if it differs
     fwd, head_saved = act["forward"], N * C * 4 + head_grad  # the loss's two gradients, made in its forward
-    moments = {  # one chunk: its float32 logits and logsumexp's float32 scratch (+ the head's cast under autocast)
-        "loss forward (one chunk)": g_prev + fwd + rows * V * 8 + (V * C * s if s < 4 else 0),
+    moments = {  # one chunk: its float32 logits (+ under autocast the head's cast and the chunk's bf16 logits,
+        # alive while they are upcast); the softmax is computed in place
+        # and, when the head trains, the chunk's share of dL/dW before it is added to the float32 sum (under
+        # autocast that add upcasts it into a float32 temporary first)
+        "loss forward (one chunk)": g_prev + fwd + rows * V * 4 + (rows * V * s if s < 4 else 0)
+        + (V * C * s if s < 4 and head_elem != s else 0)
+        + ((V * C * (s + (4 if s < 4 else 0))) if head_grad else 0),
         "head backward": g_prev + fwd + head_saved,  # the saved gradients, scaled by dL/dloss into new tensors
         "end of backward": st["grads"] + head_grad,  # the embedding's dense gradient, before it is added in
         "optimizer step": st["grads"] + scratch_bytes(trainable, run),

@@ -184,8 +184,8 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = _NF4Linear.apply(x.to(self.compute_dtype), self.nf4_weight())  # (..., out_features)
-        if self.bias is not None:
-            out = out + self.bias.to(self.compute_dtype)
+        if self.bias is not None:  # in the matmul's dtype (bf16 under autocast), as nn.Linear's bias would be:
+            out = out + self.bias.to(out.dtype)  # a float32 bias would promote every output to float32
         if torch.is_autocast_enabled(x.device.type):
             return out  # as nn.Linear under autocast: the compute dtype, no round trip through x's dtype
         return out.to(x.dtype)
