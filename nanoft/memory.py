@@ -5,6 +5,7 @@
     python -m nanoft.memory configs/100m.py --measure --batch_size=2   # build it, run steps, measure beside the estimate
     python -m nanoft.memory --shape=llama-70b --block_size=4096 --batch_size=1 --device=cuda
     python -m nanoft.memory --shape=7b                              # the 16 bytes/parameter rule: 112 GB
+    python -m nanoft.memory --shape=llama-7b --finetune=qlora --fsdp=True --nproc=8 --device=cuda   # one of 8 ranks
     python -m nanoft.memory --arch=llama --n_layer=32 --n_embd=4096 --n_head=32 --intermediate=11008 --vocab_size=32000
 
 The estimate (nanoft.memory_estimate) needs only shapes, so a 70B model is estimated without allocating it.
@@ -40,6 +41,7 @@ from nanoft.config import Config, ConfigError, describe, load_config, parse_over
 from nanoft.memory_estimate import Run
 from nanoft.memory_peak import peak_bytes
 from nanoft.model_shape import GB, PRESETS, ModelShape
+from nanoft.memory_sharded import per_rank
 from nanoft.memory_measure import nf4_tensors, exact_bytes, fmt
 from nanoft.model import GPT
 from nanoft.optim import OPTIMIZERS, make_optimizer
@@ -48,7 +50,7 @@ from nanoft.peft_methods import apply_method
 MODES = ("full", "lora", "qlora", "prefix", "adapter")
 # flags of this command that are not Config keys; every other --key=value must be a Config key
 SHAPE_FLAGS = {"shape": str, "params": float, "arch": str, "intermediate": int, "n_kv_head": int}
-OWN_FLAGS = {"measure": bool, "steps": int, **SHAPE_FLAGS}
+OWN_FLAGS = {"measure": bool, "steps": int, "nproc": int, **SHAPE_FLAGS}
 
 
 # --- measuring a real run ------------------------------------------------------------------------------
@@ -286,12 +288,12 @@ def _describe(shape: ModelShape, run: Run, label: str, est: dict) -> str:
 def table(est: dict, got: dict | None) -> str:
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer states", "states"),
             ("  states in host memory", "states_host"), ("DPO reference / teacher", "frozen_model"),
-            ("activations (saved)", "activations"),
+            ("whole groups (FSDP gathers)", "gathered"), ("activations (saved)", "activations"),
             ("logits, loss grads, scratch", "transient"), ("total (peak)", "total")]
     head = f"{'':<30}{'estimate':>12}" + (f"{'measured':>12}{'diff':>9}" if got else "")
     lines = [head]
     for label, key in rows:
-        if key in ("states_host", "frozen_model") and not est[key] and not (got and got.get(key)):
+        if key in ("states_host", "frozen_model", "gathered") and not est.get(key) and not (got and got.get(key)):
             continue  # (--measure builds only the model that trains: no reference or teacher)
         line = f"{label:<30}{fmt(est[key]):>12}"
         if got:
@@ -339,7 +341,7 @@ def rule_16_lines(shape: ModelShape, est: dict) -> str:
 def main(argv: list[str]) -> None:
     if not argv or "--help" in argv or "-h" in argv:
         print(__doc__ + "\nflags: --measure --steps=N --shape=" + "|".join(PRESETS) +
-              " --params=N --arch=gpt|llama --intermediate=N --n_kv_head=N\n" + describe())
+              " --params=N --arch=gpt|llama --intermediate=N --n_kv_head=N --nproc=N (per rank; with --fsdp=True sharded)\n" + describe())
         return
     cfg, label, own = parse_args(argv)
     shape = shape_from_args(cfg, own, argv)
@@ -349,12 +351,20 @@ def main(argv: list[str]) -> None:
     label = own.get("shape", label) if "params" not in own else f"{own['params']:g} parameters"
     run = Run.from_config(cfg, torch.cuda.is_available())
     est = peak_bytes(shape, run)
+    nproc = own.get("nproc", 1)
+    if nproc > 1 and cfg.fsdp:  # one rank's share (nanoft.memory_sharded)
+        est = per_rank(est, shape, run, nproc)
     got = None
+    if own.get("measure") and nproc > 1:
+        raise MeasureError("--measure runs one process; under torchrun, train.py prints each rank's measured bytes")
     if own.get("measure"):
         if shape.arch != "gpt" or shape != ModelShape.from_config(cfg):
             raise MeasureError("--measure builds nanoft's GPT: it measures config shapes, not presets or LLaMA shapes")
         got = measure(cfg, own.get("steps", 1))
     print(_describe(shape, run, label, est))
+    if nproc > 1:
+        print(f"  per rank of {nproc}: " + ("FSDP2 shards (nanoft.memory_sharded); batch_size is per rank" if cfg.fsdp else
+              "DDP: every rank holds all of this (add --fsdp=True to shard); batch_size is per rank"))
     print(table(est, got))
     print(rule_16_lines(shape, est))
     print(f"\nestimates for every optimizer and mode (same shape, batch and precision; {run.device}):")

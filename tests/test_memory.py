@@ -12,8 +12,9 @@ import torch
 from nanoft.config import Config, ConfigError
 from nanoft.memory import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
                            train_step)
-from nanoft.memory_estimate import Run, activation_bytes, static_bytes
+from nanoft.memory_estimate import Run, activation_bytes, nf4_bytes, static_bytes, trainable_and_frozen
 from nanoft.memory_peak import peak_bytes, rule_16_bytes
+from nanoft.memory_sharded import per_rank
 from nanoft.model_shape import GB, PRESETS, ModelShape
 from nanoft.model import GPT
 
@@ -173,3 +174,26 @@ def test_main_measure_prints_both_columns(capsys):
     main(["configs/tiny.py", "--measure", "--batch_size=1", "--block_size=16", "--n_layer=1", "--vocab_size=256"])
     out = capsys.readouterr().out
     assert "measured" in out and "torch.profiler CPU allocator events" in out
+
+
+def test_per_rank_under_fsdp_shards_the_frozen_base_and_keeps_adapters_whole(capsys):
+    """QLoRA across 8 ranks (nanoft.memory_sharded): each rank holds 1/8 of the NF4 base, all of the adapters,
+    their gradients and states, and the gathered groups on top; activations are the rank's own batch's."""
+    cfg = Config(finetune="qlora", optimizer="paged_adamw8bit", device="cuda", batch_size=1, block_size=2048,
+                 gradient_checkpointing=True, fsdp=True)
+    shape, run = PRESETS["llama-7b"], Run.from_config(cfg)
+    one = peak_bytes(shape, run)
+    rank = per_rank(one, shape, run, 8)
+    _, frozen = trainable_and_frozen(shape, run)
+    adapters = one["params"] - frozen
+    assert rank["params"] == -(-frozen // 8) + adapters
+    assert (rank["grads"], rank["states_host"], rank["activations"]) == (one["grads"], one["states_host"], one["activations"])
+    # whole at once: the root group (embeddings, untied head, final norm; bf16) and two blocks (NF4 + two norms)
+    C, F = 4096, 11008
+    block = sum(nf4_bytes(n, cfg.nf4_blocksize, cfg.double_quant, False) for n in [C * C] * 4 + [C * F] * 3) + 2 * C * 2
+    assert rank["gathered"] == (2 * 32000 * C + C) * 2 + 2 * block
+    assert rank["total"] == one["total"] - (one["params"] - rank["params"]) + rank["gathered"]
+    main(["--shape=llama-7b", "--finetune=qlora", "--fsdp=True", "--nproc=8", "--device=cuda"])
+    assert "per rank of 8: FSDP2 shards" in capsys.readouterr().out
+    with pytest.raises(MeasureError, match="one process"):
+        main(["configs/tiny.py", "--fsdp=True", "--nproc=2", "--measure"])

@@ -1,5 +1,6 @@
 """nanoft.memory_measure under FSDP2: each of 2 gloo ranks counts its own shards (DTensors' local tensors) of the
 parameters, gradients and AdamW states: half of what one process holds, since every dimension here is even."""
+import dataclasses
 import json
 import os
 import socket
@@ -11,7 +12,11 @@ import torch.multiprocessing as mp
 
 from nanoft import distributed
 from nanoft.config import load_config
+from nanoft.memory_estimate import Run
 from nanoft.memory_measure import exact_bytes, measured_breakdown
+from nanoft.memory_peak import peak_bytes
+from nanoft.memory_sharded import per_rank
+from nanoft.model_shape import ModelShape
 from nanoft.model import GPT
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu", "--dropout=0.0"]
@@ -60,3 +65,9 @@ def test_each_rank_counts_its_shards_of_params_grads_and_states(tmp_path):
         assert rank["steps"] == one["steps"]  # AdamW's step counters are not sharded
         assert rank["states"] - rank["steps"] == (one["states"] - one["steps"]) // 2 > 0  # exp_avg, exp_avg_sq
         assert "this rank's shards" in rank["text"] and "this rank's shards" not in one["text"]
+    # and the estimator's per-rank figure (nanoft.memory_sharded) is what each rank holds, byte for byte
+    cfg = dataclasses.replace(load_config("configs/tiny.py", SMALL), fsdp=True)
+    shape, run = ModelShape.from_config(cfg), Run.from_config(cfg)
+    est = per_rank(peak_bytes(shape, run), shape, run, 2)
+    for rank in json.loads((tmp_path / "reports.json").read_text()):
+        assert (est["params"], est["grads"], est["states"]) == (rank["params"], rank["grads"], rank["states"])
