@@ -4,7 +4,7 @@ LoRA adapters train (rank 8 on q and v); the reference is the same model with th
 
     python train.py configs/tiny.py     # first: the base checkpoint in out/tiny
     python train.py configs/dpo.py      # prints the held-out preference accuracy of the reference and the result
-    python train.py configs/dpo.py --finetune_weights=full --lr=1e-4 --out_dir=out/dpo-full   # a frozen copy as reference
+    python train.py configs/dpo.py --finetune_weights=full --lr=1e-4 --min_lr=1e-5 --out_dir=out/dpo-full   # a frozen copy as reference
 """
 from nanoft.config import Config
 

@@ -367,7 +367,8 @@ def main(argv: list[str]) -> None:
               "DDP: every rank holds all of this (add --fsdp=True to shard); batch_size is per rank"))
     print(table(est, got))
     print(rule_16_lines(shape, est))
-    print(f"\nestimates for every optimizer and mode (same shape, batch and precision; {run.device}):")
+    print(f"\nestimates for every optimizer and mode (same shape, batch and precision; {run.device}"
+          f"{'; one process' if nproc > 1 else ''}):")
     print(comparison(shape, run))
 
 
