@@ -13,7 +13,9 @@ config = Config(
     finetune="distill",
     teacher_from="out/tiny",
     distill_alpha=0.5,
-    distill_temperature=2.0,
+    # T = 1: measured on this base, 150 steps, the student reached val 6.075 (alone: 6.187); at T = 2 it stayed at 6.59,
+    # because the softened softmax of a teacher this weak is nearly flat over 50,304 tokens (entropy 9.6 nats)
+    distill_temperature=1.0,
     # the student: 2 layers of width 64 (the teacher: 4 of 128)
     n_layer=2,
     n_head=2,
