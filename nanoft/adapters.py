@@ -129,19 +129,26 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def load_adapter_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     """Copy saved adapters into a model built by apply_lora with the same targets and rank. Strict: any
     missing or unexpected key, or a wrong shape, is a ValueError naming it; nothing is copied then."""
-    own = adapter_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    copy_exactly(adapter_state_dict(model), sd, "adapter", keys_hint="lora_targets, lora_train_norms and n_layer",
+                 shape_hint="lora_r and n_embd")
+
+
+def copy_exactly(own: dict[str, Tensor], saved: dict[str, Tensor], what: str, keys_hint: str, shape_hint: str) -> None:
+    """Copy `saved` into the tensors of `own` (views of the model's parameters), all or nothing: a missing or
+    unexpected name, or a shape that differs, is a ValueError naming it and what to check, before anything moves."""
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
-        raise ValueError(f"adapter does not match the model's LoRA layers: missing {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                         f"{' ...' if len(unexpected) > 4 else ''} (check lora_targets, lora_train_norms and n_layer)")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)} but the model expects "
-                             f"{tuple(own[k].shape)} (check lora_r and n_embd)")
+        def some(names: list[str]) -> str:
+            return f"{names[:4]}{' ...' if len(names) > 4 else ''}"
+        raise ValueError(f"{what} tensors do not match the model: missing {some(missing)}, unexpected "
+                         f"{some(unexpected)} (check {keys_hint})")
+    for name, t in saved.items():
+        if t.shape != own[name].shape:
+            raise ValueError(f"{what} tensor {name} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(own[name].shape)} (check {shape_hint})")
     with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)  # own[k] shares storage with the parameter
+        for name, t in saved.items():
+            own[name].copy_(t)  # own[name] shares storage with the parameter
 
 
 def adapter_config(cfg: Config, base_from: str | None = None) -> dict:

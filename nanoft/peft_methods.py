@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from nanoft.adapter_layers import WHY_NO_MERGE as ADAPTER_NO_MERGE, apply_adapters
-from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, compute_dtype, load_adapter_state_dict
+from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, compute_dtype, copy_exactly, load_adapter_state_dict
 from nanoft.adapters import trainable_summary  # noqa: F401 (part of this protocol: train.py prints it)
 from nanoft.config import Config
 from nanoft.prefix import WHY_NO_MERGE as PREFIX_NO_MERGE, PrefixEncoder, apply_prefix, folded_state_dict
@@ -76,18 +76,9 @@ def load_trained(model: nn.Module, cfg: Config, weights: dict[str, Tensor], trai
     if cfg.lora_kind:
         return load_adapter_state_dict(model, weights)
     saved = train_only if cfg.finetune == "prefix" and isinstance(model.prefix, PrefixEncoder) else weights
-    own = trained_tensors(model)
-    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"saved {cfg.finetune} tensors do not match the model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]} (check n_layer, and that the run was saved by this method)")
-    for name, t in saved.items():
-        if t.shape != own[name].shape:
-            raise ValueError(f"saved {cfg.finetune} tensor {name} has shape {tuple(t.shape)}, the model expects "
-                             f"{tuple(own[name].shape)} (check prefix_len, prefix_hidden, adapter_size, n_embd)")
-    with torch.no_grad():
-        for name, t in saved.items():
-            own[name].copy_(t)  # a detached view of the parameter: copies into it
+    copy_exactly(trained_tensors(model), saved, f"saved {cfg.finetune}",
+                 keys_hint="n_layer, and that the run was saved by this method",
+                 shape_hint="prefix_len, prefix_hidden, adapter_size, n_embd")
 
 
 def method_config(cfg: Config, base_from: str | None = None) -> dict:

@@ -17,7 +17,6 @@ DPO should sharpen it, and the held-out accuracy is measured before and after.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from torch import Tensor
 
 from nanoft.config import Config
 from nanoft.shakespeare import all_speaker_lines
-from nanoft.sft import SPLIT_SEED, SFTBatches, SFTExample, collate, fit_to_block, split_examples, tokenize_examples
+from nanoft.sft import (SPLIT_SEED, SFTBatches, SFTExample, collate, fit_to_block, read_jsonl, split_examples,
+                        tokenize_examples)
 from nanoft.tokenizer import get_tokenizer
 
 N_PAIRS = 3000  # pairs in the embedded set (90% train, 10% held out)
@@ -42,25 +42,13 @@ class PreferencePair:
 
 
 def load_preference_jsonl(path: str | Path) -> list[dict]:
-    """[{"prompt", "chosen", "rejected"}, ...] from JSONL; anything else is a ValueError naming the line."""
+    """[{"prompt", "chosen", "rejected"}, ...] from JSONL (nanoft.sft.read_jsonl's rules); an empty response is a
+    ValueError naming the line."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            keys = ("prompt", "chosen", "rejected")
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
-                raise ValueError(f'{path} line {n}: expected an object with string "prompt", "chosen" and "rejected", '
-                                 f"got {line.strip()[:80]!r}")
-            if not obj["chosen"] or not obj["rejected"]:
-                raise ValueError(f'{path} line {n}: empty "chosen" or "rejected" response')
-            pairs.append({k: obj[k] for k in keys})
-    if not pairs:
-        raise ValueError(f"{path} holds no preference pairs")
+    for n, obj in read_jsonl(path, ("prompt", "chosen", "rejected"), "preference pairs"):
+        if not obj["chosen"] or not obj["rejected"]:
+            raise ValueError(f'{path} line {n}: empty "chosen" or "rejected" response')
+        pairs.append(obj)
     return pairs
 
 

@@ -52,10 +52,10 @@ class SFTExample:
 # ----------------------------------------------------------------------------------------------------
 # Reading and tokenising
 
-def load_sft_jsonl(path: str | Path) -> list[dict]:
-    """[{"prompt": str, "response": str}, ...] from a JSONL file; blank lines are skipped, anything else
-    that is not such an object is a ValueError naming the file and line number."""
-    examples = []
+def read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict]:
+    """The objects of a JSONL file, one a line (blank lines skipped), each with the string fields `keys` (only
+    those kept). Anything else is a ValueError naming the file and line number; so is a file with none."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -64,15 +64,25 @@ def load_sft_jsonl(path: str | Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not {"prompt", "response"} <= obj.keys():
-                raise ValueError(f'{path} line {n}: expected an object with "prompt" and "response", got {line.strip()[:80]!r}')
-            if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
-                raise ValueError(f'{path} line {n}: "prompt" and "response" must be strings')
-            if not obj["response"]:
-                raise ValueError(f'{path} line {n}: empty "response" leaves nothing to learn')
-            examples.append({"prompt": obj["prompt"], "response": obj["response"]})
-    if not examples:
-        raise ValueError(f"{path} holds no examples")
+            names = ", ".join(f'"{k}"' for k in keys[:-1]) + f' and "{keys[-1]}"'  # '"a", "b" and "c"'
+            if not isinstance(obj, dict) or not set(keys) <= obj.keys():
+                raise ValueError(f"{path} line {n}: expected an object with string {names}, got {line.strip()[:80]!r}")
+            if not all(isinstance(obj[k], str) for k in keys):
+                raise ValueError(f"{path} line {n}: {names} must be strings")
+            rows.append((n, {k: obj[k] for k in keys}))
+    if not rows:
+        raise ValueError(f"{path} holds no {what}")
+    return rows
+
+
+def load_sft_jsonl(path: str | Path) -> list[dict]:
+    """[{"prompt": str, "response": str}, ...] from a JSONL file (read_jsonl's rules); an empty response is a
+    ValueError naming the line: it leaves nothing to learn."""
+    examples = []
+    for n, obj in read_jsonl(path, ("prompt", "response"), "examples"):
+        if not obj["response"]:
+            raise ValueError(f'{path} line {n}: empty "response" leaves nothing to learn')
+        examples.append(obj)
     return examples
 
 

@@ -4,6 +4,7 @@ before anything imports triton (torch itself does not): so it is set here, first
 On a CUDA machine the same tests run the *compiled* kernels: a test of backend="triton" puts its inputs
 on `device_for("triton")` (the GPU there, the CPU under the interpreter here) and compares results on
 the CPU, against the PyTorch reference and bitsandbytes' CPU functions."""
+import contextlib
 import os
 
 import pytest
@@ -32,10 +33,19 @@ def bnb_native_cpu() -> bool:
     return type(ext.lib).__name__ != "CudaBNBNativeLibrary"
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Many optimizer steps on tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield

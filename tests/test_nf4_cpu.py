@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import torch_threads
 from nanoft.kernels import dequantize_nf4, quantize_nf4
 from nanoft.kernels import nf4_cpu
 from nanoft.kernels.nf4 import NF4_VALUES
@@ -34,10 +35,8 @@ def assert_kernel_equals_reference(x: torch.Tensor, blocksize: int, double_quant
 @pytest.fixture
 def two_threads():
     """The kernel splits a large tensor between torch's threads: make sure there are two, even on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")

@@ -42,7 +42,7 @@ def test_load_jsonl_and_errors_name_the_line(tmp_path):
     with pytest.raises(ValueError, match="a.jsonl line 2: not valid JSON"):
         load_sft_jsonl(bad_json)
     no_key = write_jsonl(tmp_path / "b.jsonl", [json.dumps(PAIRS[0]), "", json.dumps({"prompt": "x"})])
-    with pytest.raises(ValueError, match='b.jsonl line 3: expected an object with "prompt" and "response"'):
+    with pytest.raises(ValueError, match='b.jsonl line 3: expected an object with string "prompt" and "response"'):
         load_sft_jsonl(no_key)
     not_str = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"prompt": 1, "response": "x"})])
     with pytest.raises(ValueError, match="c.jsonl line 1: .* must be strings"):
