@@ -17,10 +17,15 @@ leaves out the position embedding (a lookup, no FLOPs).
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 
 import torch
 import torch.nn as nn
+
+from nanoft import data
 
 # dense (no sparsity) tensor-core peaks in FLOP/s, from the vendors' datasheets, by the name
 # torch.cuda.get_device_name reports; bf16/fp16 first, then tf32 (what fp32 matmuls use with allow_tf32)
@@ -52,8 +57,10 @@ def flops_per_token(model: nn.Module, n_layer: int, block_size: int, n_embd: int
 
 def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from) for matmuls in `dtype` on `device`. A GPU: the datasheet
-    peak when its name is known, else a measured matmul. A CPU: always measured (a 1024^3 matmul, the best
-    of a few, once per process): CPUs differ too much for a table, and what matters is what torch gets."""
+    peak when its name is known, else a measured matmul. A CPU: measured (a 1024^3 matmul, the best of a few;
+    CPUs differ too much for a table, and what matters is what torch gets), once per process, and kept in
+    data/.cache/peak_flops.json as the best this machine has ever shown: a measurement taken while other
+    programs share the cores comes out low, and would make MFU look high and differ between two runs."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for fragment, (half, tf32) in NOMINAL_PEAK.items():
@@ -61,8 +68,39 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
                 return (half if dtype in (torch.bfloat16, torch.float16) else tf32), f"{fragment} datasheet"
     key = (device, dtype)
     if key not in _measured:
-        _measured[key] = _measure_matmul(device, dtype)
+        _measured[key] = _best_ever(device, dtype, _measure_matmul(device, dtype))
     return _measured[key], "measured matmul"
+
+
+def _best_ever(device: str, dtype: torch.dtype, measured: float) -> float:
+    """The larger of `measured` and the best cached for this machine, torch and thread count; the cache updated
+    (atomically, best effort: a read-only data folder only loses the memory)."""
+    path = data.cache_dir() / "peak_flops.json"
+    key = f"{_machine_name(device)} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    best = max(measured, float(cached.get(key, 0.0)))
+    if best > cached.get(key, 0.0):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cached, key: best}, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return best
+
+
+def _machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def _measure_matmul(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
