@@ -2,8 +2,8 @@
 token of prompt + response, trained with the Bradley-Terry loss on the plays' preference set (configs/dpo.py's pairs).
 Every weight trains. PPO, the third stage, is not in nanoft yet.
 
-    python train.py configs/tiny.py      # first: the base checkpoint in out/tiny
-    python train.py configs/reward.py    # prints the held-out pairwise accuracy
+    python train.py configs/tiny.py --max_iters=1500 --out_dir=out/tiny-1500   # first: a base (see configs/dpo.py)
+    python train.py configs/reward.py --init_from=out/tiny-1500   # held-out pairwise accuracy: 0.657 measured
     python -m nanoft.reward out/reward --prompt "ROMEO:\n..." --response "..." --response "..."
 """
 import dataclasses
@@ -18,4 +18,7 @@ config = dataclasses.replace(
     lr=3e-4,  # every weight moves, as in full fine-tuning
     min_lr=3e-5,
     weight_decay=0.0,
+    max_iters=200,
+    eval_interval=100,
+    save_interval=200,
 )
