@@ -11,24 +11,20 @@ Every operation is the reference's, in float32, in the reference's order: the tw
 where torch's CPU kernels fuse (add_ with alpha, addcmul_), and the file is compiled with -ffp-contract=off so
 the compiler fuses nothing else. tests/test_optim_adamw8bit.py holds it to the reference bit for bit.
 
-The library is built once per machine with the system C compiler (`cc`, or $CC) into ~/.cache/nanoft (or
-$NANOFT_CACHE) and loaded with ctypes; ctypes releases the GIL, so torch.get_num_threads() Python threads each
+The library is built once per machine with the system C compiler (kernels/_cc.py) and loaded with ctypes; ctypes releases the GIL, so torch.get_num_threads() Python threads each
 take a share of the blocks. Without a compiler, `load()` returns None and the caller uses the reference.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+from ._cc import build_library
 
 SOURCE = r"""
 #include <math.h>
@@ -117,24 +113,6 @@ _LIB: list = []  # [(library, sqrt function, mode) or None], once loaded or foun
 _POOL: list = []  # [ThreadPoolExecutor]
 
 
-def _build(compiler: str) -> str:
-    """Compile SOURCE (once per source, flags, compiler and machine) and return the shared library's path."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, platform.machine(), platform.node()]).encode())
-    cache = os.environ.get("NANOFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoft")
-    path = os.path.join(cache, f"adamw8bit_cpu-{key.hexdigest()[:16]}.so")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: concurrent builds are safe
-            src = os.path.join(tmp, "adamw8bit_cpu.c")
-            with open(src, "w") as f:
-                f.write(SOURCE)
-            subprocess.run([compiler, *FLAGS, src, "-o", os.path.join(tmp, "lib.so"), "-lm"], check=True,
-                           capture_output=True, text=True)
-            os.replace(os.path.join(tmp, "lib.so"), path)
-    return path
-
-
 def _torch_sqrt() -> tuple[int | None, int]:
     """(address of the MKL function torch's CPU sqrt calls, its mode), or (None, 0) where torch has no MKL.
 
@@ -165,12 +143,9 @@ def load():
     """(compiled library, torch's sqrt function or None, its mode), or None (with one warning) where no C
     compiler works or where the sqrt cannot be matched."""
     if not _LIB:
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         loaded = None
         try:
-            if compiler is None:
-                raise FileNotFoundError("no C compiler (cc, gcc or $CC) on PATH")
-            lib = ctypes.CDLL(_build(compiler))
+            lib = build_library("adamw8bit_cpu-", SOURCE, FLAGS, link=("-lm",))
             f, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
             lib.adamw8bit_blocks.argtypes = [ptr] * 10 + [i64] * 3 + [f] * 6 + [ctypes.c_int, f, f, ptr, i64]
             lib.adamw8bit_blocks.restype = None
@@ -178,9 +153,8 @@ def load():
             if not _agrees_with_torch(sqrt_fn, mode):
                 raise OSError("torch's CPU sqrt could not be reproduced")
             loaded = (lib, sqrt_fn, mode)
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or e
-            warnings.warn(f"AdamW8bit's CPU kernel could not be built ({detail}); using the slower PyTorch reference")
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"AdamW8bit's CPU kernel could not be built ({e}); using the slower PyTorch reference")
         _LIB.append(loaded)
     return _LIB[0]
 

@@ -26,23 +26,20 @@ Around them: double quantization's absmax is rebuilt by one C loop (torch's smal
 spinning threads than the work), and a dequantize output of 8 MB or more asks Linux for 2 MB pages, because
 a fresh output's first-touch page faults cost more than the arithmetic (advise_huge_pages).
 
-The C source below is compiled once per machine with the system C compiler (as torch.compile does for its
-CPU kernels) into ~/.cache/nanoft (NANOFT_CACHE overrides) and loaded with ctypes. Without a working
+The C source below is compiled once per machine with the system C compiler (kernels/_cc.py) and loaded with
+ctypes. Without a working
 compiler `available()` is False and nanoft uses the reference (with one warning). Large tensors are split
 into one range of blocks per torch thread (torch.get_num_threads()); ctypes releases the GIL during a call.
 """
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ._cc import build_library
 
 ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
 HUGE_PAGES_FROM = 8 << 20  # output bytes from which dequantize asks for 2 MB pages (see advise_huge_pages)
@@ -186,34 +183,8 @@ QUANTIZE(bf16, uint16_t, bf16_value)
 _LIBRARY: list = []  # [the loaded library, or None when it cannot be built]: built on first use
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: a cache built on one CPU must not load on another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        import platform
-        return platform.machine() + platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    key = hashlib.sha256("\0".join([C_SOURCE, compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = os.environ.get("NANOFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoft")
-    path = os.path.join(cache, f"nf4_cpu_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then one atomic rename
-            source, built = os.path.join(tmp, "nf4_cpu.c"), os.path.join(tmp, "nf4_cpu.so")
-            with open(source, "w") as f:
-                f.write(C_SOURCE)
-            run = subprocess.run([compiler, *FLAGS, source, "-o", built], capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {(run.stderr.strip().splitlines() or ['?'])[0]}")
-            os.replace(built, path)
-    lib = ctypes.CDLL(path)
+    lib = build_library("nf4_cpu_", C_SOURCE, FLAGS)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for suffix in SUFFIX.values():
         getattr(lib, f"dequantize_{suffix}").argtypes = [pointer] * 4 + [size] * 3
