@@ -13,7 +13,6 @@ Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (
 .safetensors; best/ holds the lowest validation loss). Ctrl-C saves a checkpoint and exits. A NaN/inf step is skipped.
 """
 import contextlib
-import dataclasses
 import json
 import signal
 import sys
@@ -220,7 +219,6 @@ def main(argv: list[str]) -> None:
                   else task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
-    distributed.teardown(dist)
 
 
 if __name__ == "__main__":
@@ -232,3 +230,5 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
         # bad input is one clear line, not a traceback
         sys.exit(f"error: {e}")
+    finally:
+        distributed.teardown()  # here, once main()'s model is gone: nothing holds the process group any more

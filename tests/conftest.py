@@ -6,9 +6,16 @@ on `device_for("triton")` (the GPU there, the CPU under the interpreter here) an
 the CPU, against the PyTorch reference and bitsandbytes' CPU functions."""
 import contextlib
 import os
+import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanoft import distributed  # imports no triton: TRITON_INTERPRET below is still set in time
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -49,3 +56,29 @@ def one_thread():
     """Many optimizer steps on tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
     with torch_threads(1):
         yield
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world: int, *args) -> list:
+    """fn(rank, world, *args) in `world` fresh processes joined by one gloo process group on loopback, as
+    torchrun starts train.py; returns what each rank's fn returned (anything torch.save keeps)."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_one_rank, args=(fn, world, free_port(), out, args), nprocs=world)
+        return [torch.load(Path(out) / f"{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _one_rank(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's traffic on loopback
+    torch.set_num_threads(1)  # world processes share this machine's cores
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = fn(rank, world, *args)
+    distributed.teardown()  # after fn returned, as train.py does: see teardown for the abort it avoids
+    torch.save(result, Path(out) / f"{rank}.pt")

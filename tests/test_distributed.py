@@ -10,17 +10,15 @@ with max_iters=6 follows the same schedule as a straight run of 6 steps.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port, run_ranks
 from nanoft import checkpoint, distributed
 from nanoft.config import load_config
 from nanoft.model import GPT
@@ -30,12 +28,6 @@ SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_
          "--save_interval=3", "--log_interval=1", "--warmup_iters=0", "--lr=3e-3", "--min_lr=3e-3", "--dropout=0.0",
          "--grad_accum=2", "--device=cpu"]  # grad_accum=2: DDP skips the all-reduce on the first micro-step
 TOL = 1e-4  # float32 sums in another order: observed differences are ~1e-6 on losses of ~10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -207,12 +199,10 @@ def test_ddp_dropout_checkpoint_resumed_in_one_process_says_the_masks_differ(dro
     assert checkpoint.load(tmp_path / "one").rng.keys() == {"torch_cpu"}  # one process again: its own names
 
 
-def _two_ranks(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int) -> dict:
     """One of 2 gloo ranks: build a GPT as train.py does, shard it with a bf16 policy, reseed per rank,
-    and write (rank 0) what every rank saw."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    d = distributed.Dist(rank, rank, 2, fsdp=True)
+    and report what this rank saw."""
+    d = distributed.Dist(rank, rank, world, fsdp=True)
     torch.manual_seed(0)
     cfg = load_config("configs/tiny.py", SMALL + ["--dropout=0.5"])
     model = GPT(cfg)
@@ -225,18 +215,11 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
     model(x, x)[1].backward()
     shard = model.blocks[0].mlp.fc_in.weight
-    report = {"init": init, "mask": mask, "in_forward": seen[0], "shard": str(shard.dtype), "grad": str(shard.grad.dtype)}
-    reports = [None, None]
-    dist.all_gather_object(reports, report)
-    if rank == 0:
-        Path(out).write_text(json.dumps(reports))
-    dist.destroy_process_group()
+    return {"init": init, "mask": mask, "in_forward": seen[0], "shard": str(shard.dtype), "grad": str(shard.grad.dtype)}
 
 
-def test_ranks_share_initial_weights_but_not_dropout_masks_and_fsdp_gathers_bf16(tmp_path):
-    out = tmp_path / "reports.json"
-    mp.spawn(_two_ranks, args=(free_port(), str(out)), nprocs=2)
-    r0, r1 = json.loads(out.read_text())
+def test_ranks_share_initial_weights_but_not_dropout_masks_and_fsdp_gathers_bf16():
+    r0, r1 = run_ranks(_rank, 2)
     assert r0["init"] == r1["init"]  # fully_shard does not broadcast: the weights must be built alike
     assert r0["mask"] != r1["mask"]  # seed + rank: each rank drops its own units
     for r in (r0, r1):  # gathered in bf16; the shards, their gradients (reduced in fp32) and Adam stay fp32

@@ -8,14 +8,11 @@ process's. The adapters stay whole on every rank (their gradients averaged as DD
 For QLoRA, each rank holds half of every NF4 weight's packed uint8 codes and of its block scales.
 """
 import dataclasses
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_ranks
 from nanoft import distributed
 from nanoft.config import Config
 from nanoft.model import GPT
@@ -54,27 +51,13 @@ def train(finetune: str, rank: int = 0, world: int = 1) -> dict:
     return {"losses": losses, "adapters": adapters, "held": held}
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    result = {finetune: train(finetune, rank, world) for finetune in ("lora", "qlora")}
-    if rank == 0:
-        torch.save(result, path)
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, world: int) -> dict:
+    return {finetune: train(finetune, rank, world) for finetune in ("lora", "qlora")}
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> dict:
-    path = str(tmp_path_factory.mktemp("fsdp_lora") / "result.pt")
-    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2)
-    return torch.load(path, weights_only=False)
+def sharded() -> dict:
+    return run_ranks(_rank, 2)[0]
 
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])

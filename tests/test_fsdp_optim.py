@@ -12,16 +12,14 @@ min_8bit_size between the whole weights' numel and their shards' (the whole tens
 - checkpoints: one process's state after 2 steps loaded by every rank continues to the one process's step 3,
   and the gathered state loads into one process (1 -> N and N -> 1, so also 2 -> 3).
 """
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
+from conftest import run_ranks
 from nanoft import distributed
 from nanoft.optim import Adafactor, AdamW8bit, PagedAdamW, PagedAdamW8bit, param_groups
 
@@ -134,27 +132,13 @@ def run_all(rank: int = 0, world: int = 1, mesh=None, start: dict | None = None)
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str, start: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    result = run_all(rank, world, init_device_mesh("cpu", (world,)), start)
-    if rank == 0:
-        torch.save(result, path)
-    dist.destroy_process_group()
+def _rank(rank: int, world: int, start: dict) -> dict:
+    return run_all(rank, world, init_device_mesh("cpu", (world,)), start)
 
 
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     return run_all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same(a, b) -> bool:
@@ -181,9 +165,7 @@ def compare(got: dict, want: dict, exact: bool) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_optimizer_under_fsdp_equals_one_process(world, one_process, tmp_path):
     start = {name: r["fixed"][STEPS - 1] for name, r in one_process.items()}
-    path = str(tmp_path / "result.pt")
-    mp.spawn(_worker, args=(world, free_port(), path, start), nprocs=world)
-    sharded = torch.load(path, weights_only=False)
+    sharded = run_ranks(_rank, world, start)[0]
     for name, want in one_process.items():
         got = sharded[name]
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5), name

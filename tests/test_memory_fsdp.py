@@ -1,15 +1,10 @@
 """nanoft.memory_measure under FSDP2: each of 2 gloo ranks counts its own shards (DTensors' local tensors) of the
 parameters, gradients and AdamW states: half of what one process holds, since every dimension here is even."""
 import dataclasses
-import json
-import os
-import socket
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_ranks
 from nanoft import distributed
 from nanoft.config import load_config
 from nanoft.memory_estimate import Run
@@ -37,29 +32,18 @@ def run_one_step(model: torch.nn.Module) -> dict:
     return {**got, "grads": grads, "steps": steps, "text": measured_breakdown(model, optimizer)}
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank: int, world: int) -> dict:
     torch.manual_seed(0)
-    model = distributed.place(GPT(load_config("configs/tiny.py", SMALL)), distributed.Dist(rank, rank, 2, fsdp=True),
-                              "cpu")
-    reports = [None, None]
-    dist.all_gather_object(reports, run_one_step(model))
-    if rank == 0:
-        Path(out).write_text(json.dumps(reports))
-    dist.destroy_process_group()
+    model = distributed.place(GPT(load_config("configs/tiny.py", SMALL)),
+                              distributed.Dist(rank, rank, world, fsdp=True), "cpu")
+    return run_one_step(model)
 
 
-def test_each_rank_counts_its_shards_of_params_grads_and_states(tmp_path):
+def test_each_rank_counts_its_shards_of_params_grads_and_states():
     torch.manual_seed(0)
     one = run_one_step(GPT(load_config("configs/tiny.py", SMALL)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    if Path("/sys/class/net/lo").exists():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo's traffic on loopback
-    mp.spawn(_rank, args=(port, str(tmp_path / "reports.json")), nprocs=2)
-    for rank in json.loads((tmp_path / "reports.json").read_text()):
+    ranks = run_ranks(_rank, 2)
+    for rank in ranks:
         assert rank["params"] == one["params"] // 2 > 0
         assert rank["grads"] == one["grads"] // 2 > 0
         assert rank["steps"] == one["steps"]  # AdamW's step counters are not sharded
@@ -69,5 +53,5 @@ def test_each_rank_counts_its_shards_of_params_grads_and_states(tmp_path):
     cfg = dataclasses.replace(load_config("configs/tiny.py", SMALL), fsdp=True)
     shape, run = ModelShape.from_config(cfg), Run.from_config(cfg)
     est = per_rank(peak_bytes(shape, run), shape, run, 2)
-    for rank in json.loads((tmp_path / "reports.json").read_text()):
+    for rank in ranks:
         assert (est["params"], est["grads"], est["states"]) == (rank["params"], rank["grads"], rank["states"])
