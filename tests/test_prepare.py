@@ -140,8 +140,8 @@ class Server:
                     status, body = 206, body[start:]
                     extra = [("Content-Range", f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")]
                 self._headers(status, len(body), extra)
+                outer.sent += len(body)  # before the write: the client may return before this thread runs again
                 self.wfile.write(body)
-                outer.sent += len(body)
 
             def log_message(self, *args):
                 pass
