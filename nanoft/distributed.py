@@ -11,6 +11,8 @@ DDP (data parallel). Every rank holds the whole model and optimizer, reads diffe
 backward, all-reduces (averages) the gradients, so every rank takes the same optimizer step. Each rank's
 loss is the mean over its B rows, so with equal rows per rank the averaged gradient is exactly the
 gradient of the mean loss over the global batch: 2 ranks of batch_size B train like 1 process of 2B.
+SFT's loss is a mean over response tokens, whose number differs between ranks: each rank's mean is weighted by
+its share of them (`token_share`) so that the same holds.
 With gradient accumulation the all-reduce runs only on the last micro-step (`sync_gradients`).
 
 FSDP2 (`fsdp=True`, PyTorch's `fully_shard`; DeepSpeed calls the same idea ZeRO-3). Every parameter of each
@@ -212,6 +214,21 @@ def sync_gradients(model: nn.Module, last_micro_step: bool):
     if hasattr(model, "no_sync") and not last_micro_step:
         return model.no_sync()  # gradients accumulate locally; the last backward all-reduces their sum
     return contextlib.nullcontext()
+
+
+def token_share(n_tokens: Tensor) -> Tensor:
+    """world_size * n / (n summed over ranks): what turns this rank's mean loss over its own n loss tokens into its
+    share of the mean over every rank's tokens (every rank must call; 1 in a single process).
+
+    DDP and FSDP average the ranks' gradients, which weights each rank's mean alike. When ranks hold different
+    numbers of loss tokens (SFT: masked prompts and padding) that is not the token mean one process takes over the
+    whole batch; mean over r of (share_r * loss_r) = sum_r n_r loss_r / sum_r n_r is, so 2 ranks of B rows still
+    train like 1 process of 2B rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.ones((), device=n_tokens.device)
+    total = n_tokens.float()  # a new tensor: the all-reduce below leaves n_tokens as it is
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return n_tokens.float() * dist.get_world_size() / total
 
 
 def mean_across_ranks(value: Tensor, d: Dist) -> Tensor:

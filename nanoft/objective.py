@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nanoft.distributed import token_share
+
 
 class Objective:
     """The base: running sums of detached scalar scores, so logging costs no sync until it is read."""
@@ -48,13 +50,22 @@ class Objective:
 
 
 class NextTokenLoss(Objective):
-    """Pretraining and SFT: the model's own mean cross-entropy of the next token (over the loss mask)."""
+    """Pretraining and SFT: the model's own mean cross-entropy of the next token (over the loss mask).
+
+    SFT batches (x, y, loss_mask) carry different numbers of loss tokens on different ranks, so under torchrun
+    each rank's mean is weighted by its share of the tokens (`distributed.token_share`): the gradient DDP/FSDP
+    average is then one process's over all the rows. Micro-batches of gradient accumulation stay equally
+    weighted, in one process as under torchrun (train.py divides each by grad_accum)."""
 
     def __init__(self, cfg=None, model=None, device=None) -> None:  # the signature every objective has
         super().__init__()
 
     def __call__(self, model, batch) -> Tensor:
-        return model(*batch)[1]
+        loss = model(*batch)[1]
+        if len(batch) == 3:  # SFT: count the tokens the loss averaged (y is -1 on padding)
+            _, y, loss_mask = batch
+            loss = loss * token_share(((y != -1) & (loss_mask != 0)).sum())
+        return loss
 
 
 def check_single_process(name: str) -> None:

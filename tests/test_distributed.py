@@ -22,6 +22,8 @@ from conftest import free_port, run_ranks
 from nanoft import checkpoint, distributed
 from nanoft.config import load_config
 from nanoft.model import GPT
+from nanoft.objective import NextTokenLoss
+from nanoft.sft import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2", "--eval_interval=3",
@@ -224,6 +226,49 @@ def test_ranks_share_initial_weights_but_not_dropout_masks_and_fsdp_gathers_bf16
     assert r0["mask"] != r1["mask"]  # seed + rank: each rank drops its own units
     for r in (r0, r1):  # gathered in bf16; the shards, their gradients (reduced in fp32) and Adam stay fp32
         assert (r["in_forward"], r["shard"], r["grad"]) == ("torch.bfloat16", "torch.float32", "torch.float32")
+
+
+def sft_rows() -> list[tuple[list[int], int]]:
+    """4 (ids, n_prompt) rows: rank 0's two have 2 and 3 response tokens, rank 1's two have 25 and 20."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(12, 10), (9, 6), (30, 5), (26, 6)]  # (length, n_prompt)
+    return [(torch.randint(0, 50257, (n,), generator=g).tolist(), p) for n, p in shapes]
+
+
+def sft_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(load_config("configs/tiny.py", SMALL))
+
+
+def _sft_rank(rank: int, world: int) -> dict:
+    """One DDP rank's SFT step on its half of the rows: the loss it logs and the averaged gradients."""
+    d = distributed.Dist(rank, rank, world)
+    raw = sft_model()
+    model = distributed.wrap(raw, d, "cpu")
+    batch = collate(sft_rows()[rank * 2:(rank + 1) * 2], block_size=32)
+    loss = NextTokenLoss()(model, batch)
+    loss.backward()
+    with torch.no_grad():
+        own_mean = raw(*batch)[1]  # this rank's plain token mean, unweighted
+    return {"loss": distributed.mean_across_ranks(loss.detach(), d).item(),
+            "mean_of_means": distributed.mean_across_ranks(own_mean, d).item(),
+            "grads": {n: p.grad for n, p in raw.named_parameters()}}
+
+
+def test_sft_ranks_with_unequal_response_tokens_train_like_one_process():
+    """2 ranks holding 5 and 45 response tokens: the logged loss and the gradient are one process's token mean
+    over all 50 tokens, not the mean of the two ranks' means (which weights rank 0's 5 tokens 9 times more)."""
+    model = sft_model()
+    loss = NextTokenLoss()(model, collate(sft_rows(), block_size=32))
+    loss.backward()
+    ranks = run_ranks(_sft_rank, 2)
+    for r in ranks:
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert abs(r["mean_of_means"] - loss.item()) > 100 * TOL  # what averaging the ranks' means would log
+        # float32 sums in another order, measured against the largest gradient (as assert_near): ~5e-7 of it seen
+        scale = max(p.grad.abs().max().item() for p in model.parameters())
+        for name, p in model.named_parameters():
+            assert (r["grads"][name] - p.grad).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_mixed_precision_policy_only_for_low_precision():
