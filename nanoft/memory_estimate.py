@@ -114,7 +114,7 @@ def trainable_and_frozen(shape: ModelShape, run: Run) -> tuple[list[tuple[ParamS
 
 def method_specs(shape: ModelShape, run: Run) -> list[ParamSpec]:
     """What prefix tuning trains (nanoft.prefix.PrefixEncoder: the embedding and the MLP that make every layer's
-    prefixes) or the adapters (nanoft.adapter_layers: two bottlenecks a block); float32, like LoRA's."""
+    prefixes) or the adapters (nanoft.houlsby_adapters: two bottlenecks a block); float32, like LoRA's."""
     cfg, C, L = run.cfg, shape.n_embd, shape.n_layer
     if cfg.finetune == "reward":  # nanoft.reward's scalar head on the last response token
         return [ParamSpec("reward_head.weight", (1, C)), ParamSpec("reward_head.bias", (1,))]
@@ -235,7 +235,7 @@ def _lora_linear(led: _Saved, key: str, x: tuple, fan_out: int, target: str, tra
 
 
 def _adapter(led: _Saved, key: str, y: tuple) -> tuple:
-    """Houlsby's bottleneck after a sublayer's projection (nanoft.adapter_layers): y + up(gelu(down(y)))."""
+    """Houlsby's bottleneck after a sublayer's projection (nanoft.houlsby_adapters): y + up(gelu(down(y)))."""
     if led.run.mode != "adapter":
         return y
     h = led.linear(key + ".down", y, led.run.cfg.adapter_size, True, led.run.adapter_bytes)

@@ -2,7 +2,7 @@
 
     lora, qlora  low-rank updates beside frozen (qlora: NF4) linear layers    nanoft/lora.py, nanoft/adapters.py
     prefix       trained key/value prefixes in every attention layer          nanoft/prefix.py
-    adapter      bottleneck layers after each block's attention and MLP      nanoft/adapter_layers.py
+    adapter      bottleneck layers after each block's attention and MLP      nanoft/houlsby_adapters.py
 
 Each one freezes the base model, stores its frozen weights in the run's compute dtype (bf16 on CUDA) and adds
 a few tensors that train in float32. The protocol they share, which train.py, sample.py and the benchmarks use:
@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from nanoft.adapter_layers import WHY_NO_MERGE as ADAPTER_NO_MERGE, apply_adapters
 from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, compute_dtype, copy_exactly, load_adapter_state_dict
 from nanoft.adapters import trainable_summary  # noqa: F401 (part of this protocol: train.py prints it)
 from nanoft.config import Config
+from nanoft.houlsby_adapters import WHY_NO_MERGE as ADAPTER_NO_MERGE, apply_adapters
 from nanoft.prefix import WHY_NO_MERGE as PREFIX_NO_MERGE, PrefixEncoder, apply_prefix, folded_state_dict
 from nanoft.run_guard import base_identity
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nanoft import checkpoint
-from nanoft.adapter_layers import Adapter
 from nanoft.config import Config
+from nanoft.houlsby_adapters import Adapter
 from nanoft.model import GPT, CausalSelfAttention, load_pretrained
 from nanoft.peft_methods import apply_method, cannot_merge, load_trained, saved_tensors
 from nanoft.prefix import PrefixEncoder, PrefixTable

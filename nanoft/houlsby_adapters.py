@@ -1,4 +1,5 @@
-"""Adapter layers: small bottleneck networks inserted into a frozen model; only they (and the norms) train.
+"""Houlsby adapters: small bottleneck networks inserted into a frozen model; only they (and the norms) train.
+(nanoft/adapters.py is another thing: it puts LoRA into a model and reads and writes adapter files.)
 
 Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP", https://arxiv.org/abs/1902.00751.
 
