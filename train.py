@@ -107,8 +107,10 @@ def main(argv: list[str]) -> None:
     distributed.seed_ranks(dist, cfg.seed, device, resume.rng if resume else None)  # each rank its own dropout masks
 
     def save(step: int, where: str | Path = cfg.out_dir, **extra) -> None:
-        # full weights, optimizer state and every rank's RNG on rank 0 (every rank joins the gathers)
-        (weights, optim_state), rng = distributed.full_state_dict(raw_model, optimizer, dist), distributed.rng_state(dist, device)
+        # full weights (a PEFT method saves only what it trained), optimizer state and every rank's RNG on rank 0
+        # (every rank joins the gathers)
+        weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist, weights=not peft_method(cfg))
+        rng = distributed.rng_state(dist, device)
         if not dist.is_master:
             return
         train_only = {}  # prefix tuning: its MLP, which only a resumed run needs (the model runs on the folded prefixes)

@@ -252,27 +252,30 @@ def _full(value, keep: bool):
     return value.detach().cpu() if isinstance(value, Tensor) else value
 
 
-def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict]:
+def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist,
+                    weights: bool = True) -> tuple[dict, dict]:
     """(weights, optimizer state) as a single process has them, on rank 0; ({}, {}) elsewhere.
 
     With fsdp every rank must call this: each sharded tensor is all-gathered. The result has the keys of
     `model.state_dict()` and `optimizer.state_dict()` (integer parameter ids), so it is saved and loaded
-    exactly like a single process's checkpoint. Without fsdp, rank 0 already holds everything."""
+    exactly like a single process's checkpoint. Without fsdp, rank 0 already holds everything.
+    weights=False leaves the weights out ({}): a LoRA/QLoRA run saves only its adapters, which every rank holds
+    whole, so gathering the frozen base would bring the whole model to rank 0 at every save for nothing."""
     if not d.fsdp:
-        return (model.state_dict(), optimizer.state_dict()) if d.is_master else ({}, {})
+        return (model.state_dict() if weights else {}, optimizer.state_dict()) if d.is_master else ({}, {})
     keep = d.is_master
     params = dict(model.named_parameters(remove_duplicate=False))
     gathered: dict[int, Tensor] = {}  # id(parameter) -> full tensor: the tied head and embedding stay one
-    weights = {}
-    for name, value in model.state_dict().items():
+    full_weights = {}
+    for name, value in (model.state_dict() if weights else {}).items():
         key = id(params.get(name, value))
         if key not in gathered:
             gathered[key] = _full(value, keep)
-        weights[name] = gathered[key]
+        full_weights[name] = gathered[key]
     state = optimizer.state_dict()
     optim = {"state": {i: {k: _full(v, keep) for k, v in slots.items()} for i, slots in state["state"].items()},
              "param_groups": state["param_groups"]}
-    return (weights, optim) if keep else ({}, {})
+    return (full_weights, optim) if keep else ({}, {})
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, d: Dist) -> None:

@@ -7,10 +7,12 @@ tolerance (FSDP sums the two halves' gradients in another order), and the adapte
 process's. The adapters stay whole on every rank (their gradients averaged as DDP does); the frozen base shards.
 For QLoRA, each rank holds half of every NF4 weight's packed uint8 codes and of its block scales.
 """
+import contextlib
 import dataclasses
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from conftest import run_ranks
 from nanoft import distributed
@@ -46,9 +48,30 @@ def train(finetune: str, rank: int = 0, world: int = 1) -> dict:
     held = None
     if nf4 is not None and world > 1:
         held = [(p.to_local().numel(), p.numel(), p.dtype) for p in (nf4.nf4_packed, nf4.nf4_absmax)]
-    distributed.full_state_dict(model, optimizer, d)  # what train.py's save runs first (every rank joins)
+    gathers = {}  # how many sharded tensors a save's full_state_dict all-gathers, with and without the weights
+    for weights in (True, False):  # False: what train.py's save runs first for LoRA (every rank joins)
+        with counted_gathers() as shapes:
+            weights_saved, optim = distributed.full_state_dict(model, optimizer, d, weights=weights)
+        gathers[weights] = len(shapes)
     adapters = saved_tensors(model, cfg)[0] if d.is_master else None  # as train.py saves: on rank 0 alone
-    return {"losses": losses, "adapters": adapters, "held": held}
+    return {"losses": losses, "adapters": adapters, "held": held, "gathers": gathers, "weights_saved": weights_saved,
+            "optim": optim}
+
+
+@contextlib.contextmanager
+def counted_gathers():
+    """The shapes of the DTensors all-gathered inside: the real DTensor.full_tensor, each call counted."""
+    shapes, full_tensor = [], DTensor.full_tensor
+
+    def counted(self, *args, **kwargs):
+        shapes.append(tuple(self.shape))
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = counted
+    try:
+        yield shapes
+    finally:
+        DTensor.full_tensor = full_tensor
 
 
 def _rank(rank: int, world: int) -> dict:
@@ -71,6 +94,13 @@ def test_lora_under_fsdp_equals_one_process(finetune, sharded):
         assert not isinstance(got["adapters"][k], torch.distributed.tensor.DTensor), k  # a whole tensor
         assert got["adapters"][k].shape == v.shape and got["adapters"][k].dtype == v.dtype, k
         torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    # a save gathers nothing: the adapters and their optimizer states are whole on every rank (the frozen base, which
+    # gathering the weights would bring to rank 0, is not saved); the state equals one process's
+    assert got["gathers"][False] == 0 < got["gathers"][True] and got["weights_saved"] == {}
+    assert got["optim"]["state"].keys() == want["optim"]["state"].keys()
+    for i, slots in want["optim"]["state"].items():
+        for k, v in slots.items():
+            torch.testing.assert_close(got["optim"]["state"][i][k], v, rtol=1e-4, atol=1e-6, msg=f"{i} {k}")
     if finetune == "qlora":  # the frozen NF4 base is sharded: half the codes and half the scales on each rank
         (codes, all_codes, codes_dtype), (scales, all_scales, _) = got["held"]
         assert codes_dtype == torch.uint8 and codes == all_codes // 2 and scales == all_scales // 2
