@@ -10,7 +10,7 @@
     python train.py configs/100m.py --help                # every config key
 
 Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json + ckpt-<step>-<sha>
-.safetensors; best/ holds the lowest validation loss). Ctrl-C saves a checkpoint and exits. A NaN/inf step is skipped.
+.safetensors; best/ holds the lowest validation loss). Ctrl-C ends the step, saves it and exits. A NaN/inf step is skipped.
 """
 import contextlib
 import json
@@ -136,14 +136,12 @@ def main(argv: list[str]) -> None:
     # ---- the loop ----
     # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.progress)
     bar = progress(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
-    completed = step = start_step  # completed: optimizer steps finished, what a checkpoint records
-    position_at_step_start = train_batches.state_dict()
+    stop = run_guard.StopRequest(dist, device)  # Ctrl-C: the step ends, is saved, and the run exits with 130
     # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
     # on a GPU every queued kernel of those steps is inside the interval (and eval time is left out of it)
     t_log, step_log = time.perf_counter(), start_step
     try:
         for step in bar:
-            position_at_step_start = train_batches.state_dict()
             lr = warmup_cosine(step, warmup_iters=cfg.warmup_iters, max_iters=cfg.max_iters, lr=cfg.lr, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -160,7 +158,7 @@ def main(argv: list[str]) -> None:
                 scaler.step(optimizer)
             scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
-            completed = done = step + 1
+            done = step + 1
             if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist (fsdp: rank 0's shards)
                 bar.write(measured_breakdown(raw_model, optimizer))
             last = done == cfg.max_iters
@@ -195,14 +193,13 @@ def main(argv: list[str]) -> None:
                 save(done)
             if log_now:
                 t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
-    except KeyboardInterrupt:
-        if completed == step:  # interrupted mid-step: its batches are drawn again on resume
-            train_batches.load_state_dict(position_at_step_start)
-        if dist.is_master:
-            bar.write(f"interrupted: saving a checkpoint at step {completed} in {cfg.out_dir}")
-        save(completed)
-        sys.exit(130)
+            if stop.agreed():  # Ctrl-C during this step (on any rank): it is the last, on every rank
+                if dist.is_master:
+                    bar.write(f"interrupted: saving a checkpoint at step {done} in {cfg.out_dir}")
+                save(done)
+                sys.exit(130)
     finally:
+        stop.close()
         bar.close()
         if metrics:
             metrics.close()

@@ -4,6 +4,7 @@
     check_resume(resume, cfg)           # --init_from=resume: print what changed, refuse what cannot change
     guard = StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)
     if guard.ok(loss, grad_norm, step): optimizer.step()     # a non-finite loss or gradient skips the step
+    stop = StopRequest(dist, device)    # Ctrl-C: if stop.agreed() at the end of a step: save, exit 130
 
 Ownership is an advisory `flock` on out_dir/.lock: the kernel drops it when the process ends, however it
 ends (kill -9 included), so a crashed run never leaves the directory locked. Checkpoints themselves refuse
@@ -15,6 +16,7 @@ import fcntl
 import math
 import os
 import shlex
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,39 @@ class StepGuard:
                            f"{'loss' if flags[0] else 'gradient norm'} and were skipped (max_bad_steps="
                            f"{self.max_bad_steps}); the last checkpoint is kept; lower lr or check the data")
         return False
+
+
+# --- Ctrl-C: stop between steps ---------------------------------------------------------------------------
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the run to stop at the end of the step it is in; train.py then saves a checkpoint
+    and exits with 130. A KeyboardInterrupt raised mid-step would land anywhere: inside the optimizer's loop over
+    parameters (some updated, some not), or after the update but before the loop counts the step, and the
+    checkpoint saved then would be the state of no step (a resume would apply a step twice).
+
+    Under torchrun every rank must stop after the same step, since saving is collective (FSDP gathers, the RNG
+    states are gathered): `agreed` all-reduces the request once a step (one scalar). Ctrl-C in a terminal
+    reaches torchrun and every worker, and torchrun passes it on, so a repeated SIGINT changes nothing here;
+    Ctrl-\\ (SIGQUIT) or kill -9 stop at once, and the last checkpoint on disk stays as it is."""
+
+    def __init__(self, dist: distributed.Dist, device: str) -> None:
+        self.dist, self.device, self.requested = dist, device, False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested and self.dist.is_master:
+            tqdm.write("Ctrl-C: stopping at the end of this step, with a checkpoint")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether this step is the last: on every rank, when any rank was asked (every rank must call)."""
+        if not self.dist.enabled:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=self.device)
+        return distributed.mean_across_ranks(flag, self.dist).item() > 0
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def finite_or_none(record: dict) -> dict:

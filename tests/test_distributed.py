@@ -321,3 +321,31 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     finally:
         for p in subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split():
             os.kill(int(p), signal.SIGKILL)
+
+
+def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to torchrun and both FSDP workers (and torchrun passes it on). Each rank finishes
+    its step, they agree on it, gather and save it, and exit: the checkpoint is the last step logged."""
+    import signal
+    import time
+
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "train.py", "configs/tiny.py", f"--out_dir={tmp_path}", *SMALL,
+            "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1",
+            "--compile=False", "--fsdp=True", "--batch_size=4"]
+    launcher = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    metrics_file = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+            assert time.time() < deadline and launcher.poll() is None, "the run did not start"
+            time.sleep(0.1)
+        os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        out = launcher.communicate(timeout=120)[0]
+    finally:
+        for p in subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split():
+            os.kill(int(p), signal.SIGKILL)
+    step = checkpoint.load(tmp_path).step
+    assert f"interrupted: saving a checkpoint at step {step}" in out
+    assert step >= 3 and max(metrics(tmp_path)) == step

@@ -104,7 +104,11 @@ def committed_step(out_dir) -> int:
 
 
 def test_ctrl_c_saves_and_exits(tmp_path):
-    args = ["--max_iters=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000", "--compile=False"]
+    # a constant learning rate (so that a run of max_iters=100000 and one of a few steps share every step's lr),
+    # dropout and gradient accumulation: the resume below checks the RNG state and data position too
+    same = ["--log_interval=1", "--eval_interval=100000", "--save_interval=100000", "--compile=False",
+            "--warmup_iters=0", "--min_lr=3e-3", "--dropout=0.1", "--grad_accum=2"]
+    args = ["--max_iters=100000", *same]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack (see below)
     # started as a shell starts a background job (`python train.py ... &`): SIGINT inherited as ignored
     proc = subprocess.Popen(train_cmd(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -124,9 +128,13 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted: saving a checkpoint" in out
+    assert "Ctrl-C: stopping at the end of this step" in out and "interrupted: saving a checkpoint" in out
     step = checkpoint.load(tmp_path).step
-    assert step >= 5 and max(losses_by_step(tmp_path)) >= step
+    assert step >= 5 and max(losses_by_step(tmp_path)) == step  # the step it finished, logged, then saved
+    # the checkpoint is the state after exactly that many steps: resumed, every loss equals a straight run's
+    run_train(tmp_path, *same, f"--max_iters={step + 3}", "--init_from=resume")
+    run_train(tmp_path / "straight", *same, f"--max_iters={step + 3}")
+    assert losses_by_step(tmp_path) == losses_by_step(tmp_path / "straight")  # exact float equality
 
 
 def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
