@@ -1,4 +1,4 @@
-"""What keeps a run from destroying a good checkpoint: ownership of out_dir, divergence, changed resumes.
+"""What keeps a run from destroying a good checkpoint: ownership of out_dir, divergence, changed resumes, Ctrl-C.
 
     owner = claim(cfg, argv)            # this process owns out_dir until it exits; refuses to start over a checkpoint
     check_resume(resume, cfg)           # --init_from=resume: print what changed, refuse what cannot change

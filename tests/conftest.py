@@ -5,8 +5,8 @@ On a CUDA machine the same tests run the *compiled* kernels: a test of backend="
 on `device_for("triton")` (the GPU there, the CPU under the interpreter here) and compares results on
 the CPU, against the PyTorch reference and bitsandbytes' CPU functions."""
 import contextlib
+import datetime
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -58,27 +58,29 @@ def one_thread():
         yield
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now, for a rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(nproc: int) -> list[str]:
+    """`python -m` arguments that start nproc workers on this machine as torchrun does. --standalone: the
+    rendezvous binds a free port itself (port 0), so no port is chosen first and taken by another program
+    before it is used."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def run_ranks(fn, world: int, *args) -> list:
     """fn(rank, world, *args) in `world` fresh processes joined by one gloo process group on loopback, as
     torchrun starts train.py; returns what each rank's fn returned (anything torch.save keeps)."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_one_rank, args=(fn, world, free_port(), out, args), nprocs=world)
+        mp.spawn(_one_rank, args=(fn, world, out, args), nprocs=world)
         return [torch.load(Path(out) / f"{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def _one_rank(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _one_rank(rank: int, fn, world: int, out: str, args: tuple) -> None:
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's traffic on loopback
     torch.set_num_threads(1)  # world processes share this machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # the ranks meet in a file, not on a port another program could take between choosing and binding it; a
+    # rank that never arrives fails the test in 2 minutes, not torch's default 30
+    store = dist.FileStore(str(Path(out) / "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=2))
     result = fn(rank, world, *args)
     distributed.teardown()  # after fn returned, as train.py does: see teardown for the abort it avoids
     torch.save(result, Path(out) / f"{rank}.pt")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, run_ranks
+from conftest import run_ranks, torchrun
 from nanoft import checkpoint, distributed
 from nanoft.config import load_config
 from nanoft.model import GPT
@@ -42,8 +42,7 @@ def env() -> dict:
 def train(out_dir, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
     args = ["train.py", "configs/tiny.py", f"--out_dir={out_dir}", *SMALL, *extra]
     if nproc > 1:
-        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+        args = torchrun(nproc) + args
     r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -263,7 +262,7 @@ def test_sft_ranks_with_unequal_response_tokens_train_like_one_process():
     loss.backward()
     ranks = run_ranks(_sft_rank, 2)
     for r in ranks:
-        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-5)  # float32 sums in another order
         assert abs(r["mean_of_means"] - loss.item()) > 100 * TOL  # what averaging the ranks' means would log
         # float32 sums in another order, measured against the largest gradient (as assert_near): ~5e-7 of it seen
         scale = max(p.grad.abs().max().item() for p in model.parameters())
@@ -295,8 +294,7 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     import signal
     import time
 
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "train.py", "configs/tiny.py", f"--out_dir={tmp_path / 'run'}", *SMALL,
+    args = [*torchrun(2), "train.py", "configs/tiny.py", f"--out_dir={tmp_path / 'run'}", *SMALL,
             "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1", "--compile=False"]
     launcher = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -329,8 +327,7 @@ def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
     import signal
     import time
 
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "train.py", "configs/tiny.py", f"--out_dir={tmp_path}", *SMALL,
+    args = [*torchrun(2), "train.py", "configs/tiny.py", f"--out_dir={tmp_path}", *SMALL,
             "--max_iters=100000", "--eval_interval=100000", "--save_interval=100000", "--log_interval=1",
             "--compile=False", "--fsdp=True", "--batch_size=4"]
     launcher = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,

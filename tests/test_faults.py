@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import torchrun
 from nanoft import checkpoint
 from nanoft.checkpoint import Checkpoint, CheckpointError
 from nanoft.config import Config
@@ -306,7 +306,7 @@ def test_a_missing_rank_times_out_after_dist_timeout(tmp_path):
         "    print(f'timed out after {time.time() - t:.0f} s', flush=True)\n"
         "    os._exit(3)\n")
     t = time.time()
-    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+    r = run([sys.executable, *torchrun(2), str(script)],
             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "timed out after" in r.stdout, r.stderr[-2000:]
     assert time.time() - t < 50  # not the 60 s rank 1 sleeps, nor torch's 30-minute default

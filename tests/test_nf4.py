@@ -205,7 +205,7 @@ def test_reconstruction_error_equals_bitsandbytes():
         assert err == err_ref and err < 0.02 * 0.1  # about 8% of the weights' std: NF4 is coarse
 
 
-@settings(max_examples=25, deadline=None, database=None)
+@settings(max_examples=25, deadline=None, database=None, derandomize=True)  # the same 25 cases on every run
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     log2_blocksize=st.integers(5, 12),
