@@ -17,6 +17,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +245,8 @@ class StopRequest:
         self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if not self.requested and self.dist.is_master:
-            tqdm.write("Ctrl-C: stopping at the end of this step, with a checkpoint")
+        if not self.requested and self.dist.is_master:  # os.write: a print here could re-enter one in progress
+            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping at the end of this step, with a checkpoint\n")
         self.requested = True
 
     def agreed(self) -> bool:

@@ -129,7 +129,7 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert "Ctrl-C: stopping at the end of this step" in out and "interrupted: saving a checkpoint" in out
+    assert "Ctrl-C: stopping at the end of this step" in err and "interrupted: saving a checkpoint" in out
     step = checkpoint.load(tmp_path).step
     assert step >= 5 and max(losses_by_step(tmp_path)) == step  # the step it finished, logged, then saved
     # the checkpoint is the state after exactly that many steps: resumed, every loss equals a straight run's
