@@ -146,9 +146,11 @@ def main(argv: list[str]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
+            micro_batches = [train_batches.next() for _ in range(cfg.grad_accum)]
+            objective.begin_step(micro_batches)  # SFT: counts the step's response tokens, to weight each micro-batch
+            for micro, batch in enumerate(micro_batches):
                 with distributed.sync_gradients(model, last_micro_step=micro == cfg.grad_accum - 1), autocast:
-                    loss = objective(model, train_batches.next())
+                    loss = objective(model, batch)
                     loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()

@@ -34,6 +34,9 @@ class Objective:
     def __call__(self, model, batch) -> Tensor:
         raise NotImplementedError
 
+    def begin_step(self, micro_batches: list) -> None:
+        """Called with every micro-batch of a training step before the first is used (a no-op by default)."""
+
     def eval_loss(self, model, batch) -> Tensor:
         return self(model, batch)
 
@@ -52,20 +55,39 @@ class Objective:
 class NextTokenLoss(Objective):
     """Pretraining and SFT: the model's own mean cross-entropy of the next token (over the loss mask).
 
-    SFT batches (x, y, loss_mask) carry different numbers of loss tokens on different ranks, so under torchrun
-    each rank's mean is weighted by its share of the tokens (`distributed.token_share`): the gradient DDP/FSDP
-    average is then one process's over all the rows. Micro-batches of gradient accumulation stay equally
-    weighted, in one process as under torchrun (train.py divides each by grad_accum)."""
+    SFT batches (x, y, loss_mask) hold different numbers of loss tokens: on different ranks, and in different
+    micro-batches of one step. Averaging their means (the ranks' gradients by DDP/FSDP, the micro-batches' by
+    gradient accumulation) would weight a micro-batch of 5 response tokens like one of 45. So each mean is weighted
+    by its share of the step's tokens (`distributed.token_share`, counted over every micro-batch on every rank in
+    `begin_step`): the step's gradient is then the token mean of all its rows, as one process taking the whole
+    step as one batch computes it (what transformers calls num_items_in_batch). Evaluation weighs each batch
+    by its share of that batch's tokens across ranks. Pretraining rows all count block_size tokens: no weights."""
 
     def __init__(self, cfg=None, model=None, device=None) -> None:  # the signature every objective has
         super().__init__()
+        self._step_tokens: Tensor | None = None  # SFT: this rank's loss tokens in the step's micro-batches
+        self._micro_batches = 1
 
-    def __call__(self, model, batch) -> Tensor:
+    def begin_step(self, micro_batches: list[tuple[Tensor, ...]]) -> None:
+        if len(micro_batches[0]) == 3:
+            self._step_tokens = sum(loss_tokens(batch) for batch in micro_batches)
+            self._micro_batches = len(micro_batches)
+
+    def __call__(self, model, batch) -> Tensor:  # training: train.py divides each micro-batch's loss by grad_accum
         loss = model(*batch)[1]
-        if len(batch) == 3:  # SFT: count the tokens the loss averaged (y is -1 on padding)
-            _, y, loss_mask = batch
-            loss = loss * token_share(((y != -1) & (loss_mask != 0)).sum())
+        if len(batch) == 3:  # share * micro-batches: the division by grad_accum leaves the share
+            loss = loss * token_share(loss_tokens(batch), of=self._step_tokens) * self._micro_batches
         return loss
+
+    def eval_loss(self, model, batch) -> Tensor:
+        loss = model(*batch)[1]
+        return loss * token_share(loss_tokens(batch)) if len(batch) == 3 else loss
+
+
+def loss_tokens(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """How many targets an SFT batch's loss averages: inside the loss mask and not padding (y = -1)."""
+    _, y, loss_mask = batch
+    return ((y != -1) & (loss_mask != 0)).sum()
 
 
 def check_single_process(name: str) -> None:

@@ -239,33 +239,48 @@ def sft_model() -> GPT:
     return GPT(load_config("configs/tiny.py", SMALL))
 
 
-def _sft_rank(rank: int, world: int) -> dict:
+def sft_step(model, rows, micro_batches: int, ddp=None) -> tuple[float, float]:
+    """One SFT step's gradients, as train.py accumulates them: (the loss it logs, the plain mean of the means)."""
+    batches = [collate(rows[i::micro_batches], block_size=32) for i in range(micro_batches)]
+    objective = NextTokenLoss()
+    objective.begin_step(batches)
+    logged, means = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        with distributed.sync_gradients(ddp or model, last_micro_step=i == micro_batches - 1):
+            loss = objective(ddp or model, batch) / micro_batches
+        loss.backward()
+        logged += loss.item()
+        with torch.no_grad():
+            means += model(*batch)[1].item() / micro_batches  # unweighted
+    return logged, means
+
+
+def _sft_rank(rank: int, world: int, micro_batches: int) -> dict:
     """One DDP rank's SFT step on its half of the rows: the loss it logs and the averaged gradients."""
     d = distributed.Dist(rank, rank, world)
     raw = sft_model()
-    model = distributed.wrap(raw, d, "cpu")
-    batch = collate(sft_rows()[rank * 2:(rank + 1) * 2], block_size=32)
-    loss = NextTokenLoss()(model, batch)
-    loss.backward()
-    with torch.no_grad():
-        own_mean = raw(*batch)[1]  # this rank's plain token mean, unweighted
-    return {"loss": distributed.mean_across_ranks(loss.detach(), d).item(),
-            "mean_of_means": distributed.mean_across_ranks(own_mean, d).item(),
-            "grads": {n: p.grad for n, p in raw.named_parameters()}}
+    logged, means = sft_step(raw, sft_rows()[rank * 2:(rank + 1) * 2], micro_batches, distributed.wrap(raw, d, "cpu"))
+    logged, means = (distributed.mean_across_ranks(torch.tensor(v), d).item() for v in (logged, means))
+    return {"loss": logged, "mean_of_means": means, "grads": {n: p.grad for n, p in raw.named_parameters()}}
 
 
-def test_sft_ranks_with_unequal_response_tokens_train_like_one_process():
-    """2 ranks holding 5 and 45 response tokens: the logged loss and the gradient are one process's token mean
-    over all 50 tokens, not the mean of the two ranks' means (which weights rank 0's 5 tokens 9 times more)."""
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_sft_ranks_and_micro_batches_with_unequal_response_tokens_train_like_one_batch(micro_batches):
+    """2 ranks holding 5 and 45 response tokens (with 2 micro-batches: 2, 3, 25 and 20): the logged loss and the
+    gradient are one process's token mean over all 50 tokens in one batch, not the mean of the ranks' (and
+    micro-batches') means, which weights rank 0's 5 tokens 9 times more."""
     model = sft_model()
-    loss = NextTokenLoss()(model, collate(sft_rows(), block_size=32))
-    loss.backward()
-    ranks = run_ranks(_sft_rank, 2)
+    one_batch = sft_step(model, sft_rows(), 1)[0]
+    accumulated = sft_model()  # one process, 4 micro-batches of one row: 2, 3, 25 and 20 tokens
+    assert sft_step(accumulated, sft_rows(), 4)[0] == pytest.approx(one_batch, rel=1e-5)
+    ranks = run_ranks(_sft_rank, 2, micro_batches)
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for name, p in accumulated.named_parameters():
+        assert (p.grad - model.get_parameter(name).grad).abs().max().item() <= 1e-5 * scale, name
     for r in ranks:
-        assert r["loss"] == pytest.approx(loss.item(), rel=1e-5)  # float32 sums in another order
-        assert abs(r["mean_of_means"] - loss.item()) > 100 * TOL  # what averaging the ranks' means would log
+        assert r["loss"] == pytest.approx(one_batch, rel=1e-5)  # float32 sums in another order
+        assert abs(r["mean_of_means"] - one_batch) > 100 * TOL  # what averaging the means would log
         # float32 sums in another order, measured against the largest gradient (as assert_near): ~5e-7 of it seen
-        scale = max(p.grad.abs().max().item() for p in model.parameters())
         for name, p in model.named_parameters():
             assert (r["grads"][name] - p.grad).abs().max().item() <= 1e-5 * scale, name
 
