@@ -195,10 +195,11 @@ def main(argv: list[str]) -> None:
                 save(done)
             if log_now:
                 t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
-            if stop.agreed():  # Ctrl-C during this step (on any rank): it is the last, on every rank
+            if not last and stop.agreed():  # Ctrl-C during this step (on any rank): it is the last, on every rank
                 if dist.is_master:
                     bar.write(f"interrupted: saving a checkpoint at step {done} in {cfg.out_dir}")
-                save(done)
+                if done % cfg.save_interval:  # not saved above
+                    save(done)
                 sys.exit(130)
     finally:
         stop.close()
@@ -226,10 +227,13 @@ if __name__ == "__main__":
     # Ctrl-C (or kill -INT) saves and exits, even for a run started in the background (`... &`, nohup), which
     # inherits SIGINT as ignored, so Python would not turn it into KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    exit_code = 0
     try:
         main(sys.argv[1:])
+    except SystemExit as e:  # Ctrl-C's 130
+        exit_code = e.code
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
-        # bad input is one clear line, not a traceback
-        sys.exit(f"error: {e}")
-    finally:
-        distributed.teardown()  # here, once main()'s model is gone: nothing holds the process group any more
+        exit_code = f"error: {e}"  # bad input is one clear line, not a traceback
+    # here, after the except blocks, whose traceback kept main()'s model alive: nothing holds the process group now
+    distributed.teardown()
+    sys.exit(exit_code)

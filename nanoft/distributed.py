@@ -216,21 +216,28 @@ def sync_gradients(model: nn.Module, last_micro_step: bool):
     return contextlib.nullcontext()
 
 
-def token_share(n_tokens: Tensor, of: Tensor | None = None) -> Tensor:
-    """world_size * n / (`of`, n by default, summed over ranks): what turns a mean loss over n loss tokens into its
-    share of the mean over all the tokens counted in `of` on every rank (every rank must call).
+def ranks() -> int:
+    """How many processes train together: the process group's size, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_across_ranks(value: Tensor) -> Tensor:
+    """A new tensor: value summed over every rank of the process group (every rank must call); a copy without one."""
+    value = value.clone()
+    if ranks() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def token_share(n_tokens: Tensor) -> Tensor:
+    """world_size * n / (n summed over ranks): what turns this rank's mean loss over its own n loss tokens into its
+    share of the mean over every rank's tokens (every rank must call; 1 in a single process).
 
     DDP and FSDP average the ranks' gradients, which weights each rank's mean alike. When ranks hold different
     numbers of loss tokens (SFT: masked prompts and padding) that is not the token mean one process takes over the
     whole batch; mean over r of (share_r * loss_r) = sum_r n_r loss_r / sum_r n_r is, so 2 ranks of B rows still
-    train like 1 process of 2B rows. With `of` the tokens of a whole step (its micro-batches), the same holds for
-    gradient accumulation."""
-    total = (n_tokens if of is None else of).float()  # a new tensor: the all-reduce below changes it in place
-    world = 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        world = dist.get_world_size()
-    return n_tokens.float() * world / total
+    train like 1 process of 2B rows."""
+    return n_tokens.float() * ranks() / sum_across_ranks(n_tokens.float())
 
 
 def mean_across_ranks(value: Tensor, d: Dist) -> Tensor:

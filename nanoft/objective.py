@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nanoft.distributed import token_share
+from nanoft.distributed import ranks, sum_across_ranks, token_share
 
 
 class Objective:
@@ -58,26 +58,32 @@ class NextTokenLoss(Objective):
     SFT batches (x, y, loss_mask) hold different numbers of loss tokens: on different ranks, and in different
     micro-batches of one step. Averaging their means (the ranks' gradients by DDP/FSDP, the micro-batches' by
     gradient accumulation) would weight a micro-batch of 5 response tokens like one of 45. So each mean is weighted
-    by its share of the step's tokens (`distributed.token_share`, counted over every micro-batch on every rank in
-    `begin_step`): the step's gradient is then the token mean of all its rows, as one process taking the whole
+    by its share of the step's tokens, counted by `begin_step` over every micro-batch and, with one all-reduce,
+    every rank (all must call it): the step's gradient is then the token mean of all its rows, as one process taking the whole
     step as one batch computes it (what transformers calls num_items_in_batch). Evaluation weighs each batch
     by its share of that batch's tokens across ranks. Pretraining rows all count block_size tokens: no weights."""
 
     def __init__(self, cfg=None, model=None, device=None) -> None:  # the signature every objective has
         super().__init__()
-        self._step_tokens: Tensor | None = None  # SFT: this rank's loss tokens in the step's micro-batches
-        self._micro_batches = 1
+        self._step_scale: Tensor | None = None  # SFT: ranks * micro-batches / the step's loss tokens on all ranks
+        self._micro_batches_left = 0
 
     def begin_step(self, micro_batches: list[tuple[Tensor, ...]]) -> None:
+        """SFT: count the step's loss tokens, over its micro-batches and (one all-reduce) every rank's."""
         if len(micro_batches[0]) == 3:
-            self._step_tokens = sum(loss_tokens(batch) for batch in micro_batches)
-            self._micro_batches = len(micro_batches)
+            step_tokens = sum_across_ranks(sum(loss_tokens(batch) for batch in micro_batches).float())
+            self._step_scale = ranks() * len(micro_batches) / step_tokens
+            self._micro_batches_left = len(micro_batches)
 
     def __call__(self, model, batch) -> Tensor:  # training: train.py divides each micro-batch's loss by grad_accum
         loss = model(*batch)[1]
-        if len(batch) == 3:  # share * micro-batches: the division by grad_accum leaves the share
-            loss = loss * token_share(loss_tokens(batch), of=self._step_tokens) * self._micro_batches
-        return loss
+        if len(batch) != 3:
+            return loss
+        if not self._micro_batches_left:  # outside a step that begin_step counted: this batch alone
+            return loss * token_share(loss_tokens(batch))
+        self._micro_batches_left -= 1
+        # its share of the step, n_b * ranks / N, times grad_accum, which train.py's division takes away again
+        return loss * loss_tokens(batch) * self._step_scale
 
     def eval_loss(self, model, batch) -> Tensor:
         loss = model(*batch)[1]

@@ -238,16 +238,21 @@ class StopRequest:
     Under torchrun every rank must stop after the same step, since saving is collective (FSDP gathers, the RNG
     states are gathered): `agreed` all-reduces the request once a step (one scalar). Ctrl-C in a terminal
     reaches torchrun and every worker, and torchrun passes it on, so a repeated SIGINT changes nothing here;
-    Ctrl-\\ (SIGQUIT) or kill -9 stop at once, and the last checkpoint on disk stays as it is."""
+    Ctrl-\\ (SIGQUIT) or kill -9 stop at once, and the last checkpoint on disk stays as it is. torchrun kills its
+    workers --shutdown_timeout seconds (30 by default) after passing SIGINT on: a run whose step, evaluation and
+    save take longer needs a larger one, or it ends without the new checkpoint (the last one stays whole)."""
 
     def __init__(self, dist: distributed.Dist, device: str) -> None:
         self.dist, self.device, self.requested = dist, device, False
         self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if not self.requested and self.dist.is_master:  # os.write: a print here could re-enter one in progress
-            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping at the end of this step, with a checkpoint\n")
-        self.requested = True
+        first, self.requested = not self.requested, True
+        if first and self.dist.is_master:  # os.write: a print here could re-enter one in progress
+            try:
+                os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping at the end of this step, with a checkpoint\n")
+            except OSError:  # stderr closed (a pipe's reader gone): the request stands, unannounced
+                pass
 
     def agreed(self) -> bool:
         """Whether this step is the last: on every rank, when any rank was asked (every rank must call)."""
