@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
     # ---- the loop ----
     # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.progress)
     bar = progress(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
-    stop = run_guard.StopRequest(dist, device)  # Ctrl-C: the step ends, is saved, and the run exits with 130
+    stop = run_guard.StopRequest(dist)  # Ctrl-C: the step ends, is saved, and the run exits with 130
     # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
     # on a GPU every queued kernel of those steps is inside the interval (and eval time is left out of it)
     t_log, step_log = time.perf_counter(), start_step
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> None:
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)  # the true gradients, to measure (and clip) before stepping
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if guard.ok(loss_sum, grad_norm, step + 1):  # a NaN/inf loss or gradient skips the step
+            if guard.ok(loss_sum, grad_norm, step + 1, stop.requested):  # a NaN/inf loss or gradient skips the step
                 scaler.step(optimizer)
             scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
                 save(done)
             if log_now:
                 t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
-            if not last and stop.agreed():  # Ctrl-C during this step (on any rank): it is the last, on every rank
+            if guard.stop and not last:  # Ctrl-C (on any rank, agreed in guard.ok): this step is the last, on every rank
                 if dist.is_master:
                     bar.write(f"interrupted: saving a checkpoint at step {done} in {cfg.out_dir}")
                 if done % cfg.save_interval:  # not saved above

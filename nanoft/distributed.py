@@ -242,11 +242,7 @@ def token_share(n_tokens: Tensor) -> Tensor:
 
 def mean_across_ranks(value: Tensor, d: Dist) -> Tensor:
     """The mean of a tensor over ranks (every rank must call). SUM then divide: gloo has no ReduceOp.AVG."""
-    if d.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= d.world_size
-    return value
+    return sum_across_ranks(value) / d.world_size if d.enabled else value
 
 
 def _full(value, keep: bool):

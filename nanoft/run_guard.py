@@ -3,8 +3,9 @@
     owner = claim(cfg, argv)            # this process owns out_dir until it exits; refuses to start over a checkpoint
     check_resume(resume, cfg)           # --init_from=resume: print what changed, refuse what cannot change
     guard = StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)
-    if guard.ok(loss, grad_norm, step): optimizer.step()     # a non-finite loss or gradient skips the step
-    stop = StopRequest(dist, device)    # Ctrl-C: if stop.agreed() at the end of a step: save, exit 130
+    stop = StopRequest(dist)            # Ctrl-C sets stop.requested
+    if guard.ok(loss, grad_norm, step, stop.requested): optimizer.step()   # a non-finite loss or gradient skips it
+    if guard.stop: ...                  # end of the step: a rank was asked to stop; save, exit 130
 
 Ownership is an advisory `flock` on out_dir/.lock: the kernel drops it when the process ends, however it
 ends (kill -9 included), so a crashed run never leaves the directory locked. Checkpoints themselves refuse
@@ -198,19 +199,23 @@ class StepGuard:
     With fp16's GradScaler an infinite gradient is routine (the loss scale was too high): the scaler skips
     that step and lowers its scale in `scaler.update()`, which still runs. Those count as skipped, but only a
     non-finite *loss* counts towards stopping. Costs one device-to-host sync per step (and, under torchrun,
-    one scalar all-reduce so that every rank skips the same steps)."""
+    one small all-reduce so that every rank skips the same steps). The same all-reduce carries Ctrl-C's
+    request (StopRequest): `stop` is then True on every rank alike, so all of them stop after the same step."""
 
     def __init__(self, max_bad_steps: int, fp16_scaler: bool, dist: distributed.Dist):
         self.max_bad_steps, self.fp16_scaler, self.dist = max_bad_steps, fp16_scaler, dist
         self.skipped = 0  # steps skipped so far in this process (logged as "skipped")
         self.in_a_row = 0
+        self.stop = False  # some rank was asked to stop (Ctrl-C) by the last call
 
-    def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
+    def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, stop_requested: bool = False) -> bool:
         if hasattr(grad_norm, "full_tensor"):  # fsdp: the norm is a DTensor
             grad_norm = grad_norm.full_tensor()
         bad_loss = (~torch.isfinite(loss.detach().float())).float()
         bad_grad = (~torch.isfinite(grad_norm.detach().float())).float().to(bad_loss.device)
-        flags = distributed.mean_across_ranks(torch.stack([bad_loss, bad_grad]), self.dist).tolist()
+        stop = torch.tensor(float(stop_requested), device=bad_loss.device)
+        *flags, stop = distributed.mean_across_ranks(torch.stack([bad_loss, bad_grad, stop]), self.dist).tolist()
+        self.stop = stop > 0
         if not any(flags):
             self.in_a_row = 0
             return True
@@ -230,20 +235,21 @@ class StepGuard:
 # --- Ctrl-C: stop between steps ---------------------------------------------------------------------------
 
 class StopRequest:
-    """Ctrl-C (SIGINT) asks the run to stop at the end of the step it is in; train.py then saves a checkpoint
-    and exits with 130. A KeyboardInterrupt raised mid-step would land anywhere: inside the optimizer's loop over
+    """Ctrl-C (SIGINT) asks the run to stop at the end of a step; train.py then saves a checkpoint and exits
+    with 130. A KeyboardInterrupt raised mid-step would land anywhere: inside the optimizer's loop over
     parameters (some updated, some not), or after the update but before the loop counts the step, and the
     checkpoint saved then would be the state of no step (a resume would apply a step twice).
 
     Under torchrun every rank must stop after the same step, since saving is collective (FSDP gathers, the RNG
-    states are gathered): `agreed` all-reduces the request once a step (one scalar). Ctrl-C in a terminal
+    states are gathered): StepGuard.ok all-reduces the request with its own flags, so a request made after that
+    point ends the next step instead, and costs no collective of its own. Ctrl-C in a terminal
     reaches torchrun and every worker, and torchrun passes it on, so a repeated SIGINT changes nothing here;
     Ctrl-\\ (SIGQUIT) or kill -9 stop at once, and the last checkpoint on disk stays as it is. torchrun kills its
     workers --shutdown_timeout seconds (30 by default) after passing SIGINT on: a run whose step, evaluation and
     save take longer needs a larger one, or it ends without the new checkpoint (the last one stays whole)."""
 
-    def __init__(self, dist: distributed.Dist, device: str) -> None:
-        self.dist, self.device, self.requested = dist, device, False
+    def __init__(self, dist: distributed.Dist) -> None:
+        self.dist, self.requested = dist, False
         self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -253,13 +259,6 @@ class StopRequest:
                 os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping at the end of this step, with a checkpoint\n")
             except OSError:  # stderr closed (a pipe's reader gone): the request stands, unannounced
                 pass
-
-    def agreed(self) -> bool:
-        """Whether this step is the last: on every rank, when any rank was asked (every rank must call)."""
-        if not self.dist.enabled:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=self.device)
-        return distributed.mean_across_ranks(flag, self.dist).item() > 0
 
     def close(self) -> None:
         signal.signal(signal.SIGINT, self._previous)
