@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint, distributed, hf, run_guard
+from nanoft.interop import hf
+from nanoft.run import checkpoint, distributed
+from nanoft.run.adapter_base import check_adapter_base
 from nanoft.config import Config
-from nanoft.model import GPT, load_pretrained
-from nanoft.peft_methods import apply_method, load_trained, peft_method
-from nanoft.tokenizer import get_tokenizer
+from nanoft.model import GPT
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.peft.methods import apply_method, load_trained, peft_method
+from nanoft.data.tokenizer import get_tokenizer
 
 GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
 
@@ -33,12 +36,12 @@ def load_model(source: str, device: str = "cpu") -> GPT:
     ckpt = checkpoint.load(source)
     cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
     if cfg.finetune == "reward":
-        raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft.reward), it does not write it")
+        raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft reward), it does not write it")
     if not peft_method(cfg):
         model = GPT(cfg)
         checkpoint.load_weights(model, ckpt.model, source)
         return model
-    run_guard.check_adapter_base(ckpt, source)  # the very base it was trained on, by content
+    check_adapter_base(ckpt, source)  # the very base it was trained on, by content
     # LoRA/QLoRA adapters, folded prefixes or adapter layers: applied to their base (QLoRA quantizes on the device)
     model = apply_method(load_pretrained(cfg, ckpt.base_from), cfg, device, for_training=False)
     load_trained(model, cfg, ckpt.model, {})

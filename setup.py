@@ -4,14 +4,14 @@ The top-level `kernels/` folder is installed as `nanoft.kernels` (not as a top-l
 package): Hugging Face's kernel hub, which bitsandbytes imports, is also called `kernels`, and a
 `pip install` of nanoft must never overwrite or shadow it.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="nanoft",
     version="0.1.0",
     description="A from-scratch GPT pretraining and fine-tuning framework to read, run and modify",
     python_requires=">=3.10",
-    packages=["nanoft", "nanoft.optim", "nanoft.kernels"],
+    packages=[*find_packages(include=["nanoft", "nanoft.*"]), "nanoft.kernels"],
     package_dir={"nanoft.kernels": "kernels"},
     install_requires=[
         # a range, not a pin: where torch is already installed (CPU or CUDA build) it is kept
@@ -26,6 +26,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6",
                  "transformers==5.17.*", "peft==0.21.*"],  # references for tests/test_hf.py; nanoft never imports them
-        "plot": ["matplotlib>=3.6"],  # python -m nanoft.plot, and out_dir/loss.png at each evaluation
+        "plot": ["matplotlib>=3.6"],  # python -m nanoft plot, and out_dir/loss.png at each evaluation
     },
 )

@@ -21,20 +21,26 @@ from pathlib import Path
 
 import torch
 
-from nanoft import checkpoint, distill, distributed, dpo, hf, plot, reward, run_guard
-from nanoft.peft_methods import apply_method, load_trained, method_config, peft_method, saved_tensors, trainable_summary
 from nanoft.config import describe, load_config
-from nanoft.datasets import make_batches
-from nanoft.flops import flops_per_token, peak_flops
-from nanoft.lr import warmup_cosine
-from nanoft.memory_measure import measured_breakdown
-from nanoft.model import GPT, load_pretrained
-from nanoft.objective import NextTokenLoss
-from nanoft.optim import make_optimizer
-from nanoft.precision import pick_compile, pick_device, pick_dtype
-from nanoft.progress import progress
-from nanoft.sft_eval import task_report
-from nanoft.tokenizer import get_tokenizer
+from nanoft.data.batches import make_batches
+from nanoft.data.tokenizer import get_tokenizer
+from nanoft.interop import hf
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.model import GPT
+from nanoft.objectives import METHODS, method_of
+from nanoft.objectives.sft_eval import task_report
+from nanoft.optim import OPTIMIZERS, make_optimizer, optimizer_class, warmup_cosine
+from nanoft.peft.methods import apply_method, load_trained, method_config, saved_tensors, trainable_summary
+from nanoft.run import checkpoint, distributed
+from nanoft.run.flops import flops_per_token, peak_flops
+from nanoft.run.loss_plot import refresh_plot
+from nanoft.run.memory_measure import measured_breakdown
+from nanoft.run.out_dir import claim
+from nanoft.run.precision import pick_compile, pick_device, pick_dtype
+from nanoft.run.progress import finite_or_none, progress
+from nanoft.run.resume import check_resume, resumed_position
+from nanoft.run.step_guard import StepGuard
+from nanoft.run.stop import StopRequest
 
 
 @torch.no_grad()
@@ -52,14 +58,19 @@ def estimate_loss(objective, model, batches, eval_iters: int, autocast) -> float
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
-        print(__doc__ + "\n" + describe())
+        print(__doc__ + "\n" + describe() + f"\n\noptimizers: {', '.join(OPTIMIZERS)}\nmethods (finetune): {', '.join(METHODS)}")
         return
     cfg = load_config(argv[0], argv[1:])
-    owner = run_guard.claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
+    method, _ = method_of(cfg), optimizer_class(cfg.optimizer)  # the method's and optimizer's table entries
+    peft = method.peft(cfg)  # lora, qlora, prefix, adapter: the base frozen, a few tensors added; "": every weight
+    if cfg.fsdp and not method.shards(cfg):
+        raise ValueError(f"fsdp=True supports finetune=none, full, lora or qlora, not {cfg.finetune}: "
+                         "train it with DDP (fsdp=False)")
+    owner = claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
     cfg = hf.resolve(cfg)  # a Hugging Face GPT-2 (gpt2, a folder, a file): fetched by name; its config.json sets the shape
     resume = checkpoint.load(cfg.out_dir) if cfg.init_from == "resume" else None
     if resume:  # the model's shape comes from the checkpoint; other keys may change (printed), a few may not
-        run_guard.check_resume(resume, cfg)
+        check_resume(resume, cfg)
     base_from = resume.base_from if resume else cfg.init_from
 
     device = pick_device(cfg.device)
@@ -75,15 +86,14 @@ def main(argv: list[str]) -> None:
 
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
-    if peft_method(cfg):  # lora, qlora (also dpo's finetune_weights), prefix, adapter: the base frozen, a few tensors added
+    if peft:
         model = apply_method(model, cfg, device)  # QLoRA quantizes each layer on the device
         if dist.is_master:
             print(trainable_summary(model))
     # the loss: next-token cross-entropy, or a method's own (its frozen reference, reward head or teacher made here)
-    make_objective = {"dpo": dpo.DPO, "reward": reward.RewardModel, "distill": distill.Distillation}.get(cfg.finetune, NextTokenLoss)
-    objective = make_objective(cfg, model, device)
+    objective = method.objective(cfg, model, device)
     if resume:
-        if peft_method(cfg):
+        if peft:
             load_trained(model, cfg, resume.model, resume.train_only)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
@@ -93,28 +103,28 @@ def main(argv: list[str]) -> None:
         distributed.load_optimizer_state(optimizer, resume.optim, dist)
     raw_model = model
     model = distributed.wrap(model, dist, device)  # DDP first, then compile: DDP's hooks overlap comm with compute
-    if pick_compile(cfg, raw_model, device):  # "auto": when the run is long enough to repay compiling
+    if pick_compile(cfg, raw_model, device, method.compile_measured(cfg)):  # "auto": when the run is long enough to repay compiling
         model = torch.compile(model)  # slow first step, faster after
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-    guard = run_guard.StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
+    guard = StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
-    train_batches, val_batches, val_examples = make_batches(cfg, dist, device)  # nanoft.datasets: which rows, by method
+    train_batches, val_batches, val_examples = make_batches(cfg, method.data, dist, device)  # which rows, by method
     start_step, best_val = 0, checkpoint.best_val_loss(cfg.out_dir) if resume else float("inf")
     if resume:  # the same data row even if the global batch changed (then converted, and printed)
-        train_batches.load_state_dict(run_guard.resumed_position(resume, cfg, dist.world_size))
+        train_batches.load_state_dict(resumed_position(resume, cfg, dist.world_size))
         start_step = resume.step
     distributed.seed_ranks(dist, cfg.seed, device, resume.rng if resume else None)  # each rank its own dropout masks
 
     def save(step: int, where: str | Path = cfg.out_dir, **extra) -> None:
         # full weights (a PEFT method saves only what it trained), optimizer state and every rank's RNG on rank 0
         # (every rank joins the gathers)
-        weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist, weights=not peft_method(cfg))
+        weights, optim_state = distributed.full_state_dict(raw_model, optimizer, dist, weights=not peft)
         rng = distributed.rng_state(dist, device)
         if not dist.is_master:
             return
         train_only = {}  # prefix tuning: its MLP, which only a resumed run needs (the model runs on the folded prefixes)
-        if peft_method(cfg):  # only what the method trained goes to disk, with its shape and its base
+        if peft:  # only what the method trained goes to disk, with its shape and its base
             (weights, train_only), extra["adapter"] = saved_tensors(raw_model, cfg), method_config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
@@ -134,9 +144,9 @@ def main(argv: list[str]) -> None:
               f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ---- the loop ----
-    # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.progress)
+    # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.run.progress)
     bar = progress(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
-    stop = run_guard.StopRequest(dist)  # Ctrl-C: the step ends, is saved, and the run exits with 130
+    stop = StopRequest(dist)  # Ctrl-C: the step ends, is saved, and the run exits with 130
     # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
     # on a GPU every queued kernel of those steps is inside the interval (and eval time is left out of it)
     t_log, step_log = time.perf_counter(), start_step
@@ -170,7 +180,7 @@ def main(argv: list[str]) -> None:
                 steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
                 record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
                           "mfu": step_flops * steps_per_s / peak, **objective.pop_scores("train_")}
-                if device_type == "cuda":  # the allocator's high-water mark so far (python -m nanoft.check compares it)
+                if device_type == "cuda":  # the allocator's high-water mark so far (python -m nanoft check compares it)
                     record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if done % cfg.eval_interval == 0 or last:
                     val = torch.tensor(estimate_loss(objective, model, val_batches, cfg.eval_iters, autocast), device=device)
@@ -181,7 +191,7 @@ def main(argv: list[str]) -> None:
                         save(done, Path(cfg.out_dir) / checkpoint.BEST_DIR, val_loss=best_val)
                 record["skipped"] = guard.skipped  # steps not applied: non-finite loss or gradient
                 if dist.is_master:
-                    metrics.write(json.dumps(run_guard.finite_or_none(record), allow_nan=False) + "\n")
+                    metrics.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
                     metrics.flush()
                     if cfg.wandb_log:
                         wandb.log(record, step=done)
@@ -190,7 +200,7 @@ def main(argv: list[str]) -> None:
                                     **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                     if "val_loss" in record:
                         bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {record['val_loss']:.4f}")
-                        plot.refresh(out_dir)  # out_dir/loss.png when matplotlib is installed; never fails the run
+                        refresh_plot(out_dir)  # out_dir/loss.png when matplotlib is installed; never fails the run
             if done % cfg.save_interval == 0 or last:
                 save(done)
             if log_now:
@@ -208,7 +218,7 @@ def main(argv: list[str]) -> None:
             metrics.close()
 
     # ---- show what the model does now (fsdp: each rank holds a shard, so all ranks run each forward) ----
-    if (dist.is_master or dist.fsdp) and cfg.finetune in ("none", "distill"):
+    if (dist.is_master or dist.fsdp) and method.data == "tokens":
         enc = get_tokenizer()
         start = torch.tensor([enc.encode("\n")], device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -217,7 +227,7 @@ def main(argv: list[str]) -> None:
             print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
     elif dist.is_master and not dist.fsdp:  # fsdp: score the checkpoint in one process
         with autocast:  # as it trained: a LoRA model's frozen base is bf16 on CUDA, its adapters float32
-            print(objective.report(raw_model, val_examples, device) if cfg.finetune in ("dpo", "reward")
+            print(objective.report(raw_model, val_examples, device) if method.data == "preferences"
                   else task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
     if cfg.wandb_log and dist.is_master:
         wandb.finish()

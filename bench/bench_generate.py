@@ -24,7 +24,7 @@ import time
 import torch
 
 from nanoft.config import load_config
-from nanoft.model import GPT
+from nanoft.model.gpt import GPT
 
 
 def tokens_per_s(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> float:

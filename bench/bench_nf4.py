@@ -35,7 +35,7 @@ from nanoft.config import load_config  # noqa: E402
 from nanoft.kernels import NF4State, dequantize_nf4, quantize_nf4  # noqa: E402
 from nanoft.kernels import nf4 as nf4_module  # noqa: E402
 from nanoft.kernels import nf4_cpu  # noqa: E402
-from nanoft.model import GPT  # noqa: E402
+from nanoft.model.gpt import GPT  # noqa: E402
 
 try:
     import bitsandbytes.functional as bnbF

@@ -33,7 +33,7 @@ import time
 import torch
 
 from nanoft.config import load_config
-from nanoft.model import GPT
+from nanoft.model.gpt import GPT
 from nanoft.optim import Adafactor, AdamW8bit, PagedAdamW, PagedAdamW8bit, param_groups
 
 

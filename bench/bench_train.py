@@ -31,8 +31,8 @@ import time
 import torch
 
 from nanoft.config import load_config
-from nanoft.flops import flops_per_token, peak_flops
-from nanoft.model import GPT
+from nanoft.run.flops import flops_per_token, peak_flops
+from nanoft.model.gpt import GPT
 
 VARIANTS = {  # name: (autocast dtype, full logits?)
     "float32 full logits (reference)": (torch.float32, True),
@@ -52,6 +52,13 @@ class Runner:
         self.flops = flops_per_token(self.model, cfg.n_layer, cfg.block_size, cfg.n_embd)
         self.times: list[float] = []
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The chunked loss, or the plain path: the full (B, T, vocab) logits, then F.cross_entropy."""
+        if not self.full_logits:
+            return self.forward(x, y)
+        logits = self.forward(x)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1)
+
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -60,7 +67,7 @@ class Runner:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         t0 = time.perf_counter()
         with self.autocast():
-            _, loss = self.forward(x, y, return_logits=self.full_logits)
+            loss = self.loss(x, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -70,7 +77,7 @@ class Runner:
         t0 = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            self.forward(x, y, return_logits=self.full_logits)
+            self.loss(x, y)
         self.model.train()
         return time.perf_counter() - t0
 

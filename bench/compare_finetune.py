@@ -6,18 +6,18 @@
     python bench/compare_finetune.py --max_iters=20      # any --key=value is passed to every run
 
 Each run is `python train.py configs/<kind>.py --out_dir=out/cmp_<kind>` in its own process. Columns:
-  trainable     parameters with requires_grad (nanoft.adapters.count_params; NF4 weights count as their elements;
+  trainable     parameters with requires_grad (nanoft.peft.lora_model.count_params; NF4 weights count as their elements;
                 prefix tuning: its MLP, which trains, not the fewer folded prefixes it saves)
   optim state   bytes of the optimizer state tensors in the run's final checkpoint (what the run really held)
-  peak tensors  nanoft.memory.measure(cfg): the peak bytes held by torch's allocator over one training step
+  peak tensors  nanoft.tools.memory.command.measure(cfg): the peak bytes held by torch's allocator over one training step
                 (CPU: torch.profiler allocator events; CUDA: max_memory_allocated), batches of block_size tokens
   peak RSS      the train.py process's maximum resident set size (os.wait4's ru_maxrss): includes the Python
                 interpreter and torch's libraries (~0.3-0.5 GB), so it differs little between small runs
   wall          the train.py process, start to exit: startup, training, evaluation and its final scoring
   val loss      the run's last val loss (response tokens only), from its metrics.jsonl
-  answers       greedy decoding on the val split's first 300 prompts (nanoft.sft_eval.score_answers): the share
+  answers       greedy decoding on the val split's first 300 prompts (nanoft.objectives.sft_eval.score_answers): the share
                 that answers with one of the six names and stops, and the share that names the right one
-  rank acc      speaker-task accuracy by ranking the six names by log-likelihood (nanoft.sft_eval.score_speaker_task),
+  rank acc      speaker-task accuracy by ranking the six names by log-likelihood (nanoft.objectives.sft_eval.score_speaker_task),
                 beside the base checkpoint's and the majority baseline
 """
 from __future__ import annotations
@@ -35,13 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from nanoft import checkpoint  # noqa: E402
-from nanoft.adapters import count_params  # noqa: E402
+from nanoft.run import checkpoint  # noqa: E402
+from nanoft.peft.lora_model import count_params  # noqa: E402
 from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
-from nanoft.model import GPT, load_pretrained  # noqa: E402
-from nanoft.peft_methods import apply_method, load_trained, peft_method  # noqa: E402
-from nanoft.sft import load_sft_splits  # noqa: E402
-from nanoft.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task  # noqa: E402
+from nanoft.model import GPT  # noqa: E402
+from nanoft.interop.pretrained import load_pretrained  # noqa: E402
+from nanoft.peft.methods import apply_method, load_trained, peft_method  # noqa: E402
+from nanoft.data.sft import load_sft_splits  # noqa: E402
+from nanoft.objectives.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task  # noqa: E402
 
 KINDS = ("full", "lora", "qlora", "prefix", "adapter")
 
@@ -91,7 +92,7 @@ def optimizer_state_bytes(ck: checkpoint.Checkpoint) -> int:
 
 
 def peak_tensor_bytes(cfg: Config) -> tuple[int, str]:
-    from nanoft.memory import measure
+    from nanoft.tools.memory.command import measure
 
     got = measure(dataclasses.replace(cfg, init_from="scratch"), steps=1)
     return got["total"], got["how"]

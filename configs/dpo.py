@@ -1,5 +1,5 @@
 """DPO (Rafailov et al. 2023) of the CPU base (out/tiny) on the plays' preference set: prompt = the opening of a
-speech, chosen = its true next line, rejected = another speech's next line of the same length (nanoft/preferences.py).
+speech, chosen = its true next line, rejected = another speech's next line of the same length (nanoft/data/preferences.py).
 LoRA adapters train (rank 8 on q and v); the reference is the same model with them switched off.
 
     python train.py configs/tiny.py --max_iters=1500 --out_dir=out/tiny-1500   # first: a base (15 min on 2 cores)

@@ -3,7 +3,7 @@ attention query and value projections, plus the LayerNorms; everything else froz
 
     python train.py configs/tiny.py     # first: the base checkpoint in out/tiny (~5 minutes)
     python train.py configs/lora.py     # ~4 minutes on 2 CPU cores; saves only the adapter (~80 KB)
-    python -m nanoft.lora merge --adapter out/lora --out out/lora-merged && python sample.py out/lora-merged
+    python -m nanoft merge --adapter out/lora --out out/lora-merged && python sample.py out/lora-merged
 """
 from nanoft.config import Config
 
@@ -18,7 +18,7 @@ config = Config(
     lora_targets=("q_proj", "v_proj"),  # the LoRA paper's default; add out_proj, fc_in, fc_out for more capacity
     # the LayerNorms train too (2,304 numbers here): this 5-minute base's frozen final norm and tied head cap
     # how likely any token can be made (<|endoftext|>: -log p >= 6.3 whatever the adapters do); see
-    # nanoft/lora.py's apply_lora
+    # nanoft/peft/lora.py's apply_lora
     lora_train_norms=True,
     # the base's shape (configs/tiny.py); a shorter context is fine: the task's examples are ~30 tokens
     n_layer=4,

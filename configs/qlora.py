@@ -5,7 +5,7 @@ differ only by the quantized base and the 8-bit optimizer states.
 
     python train.py configs/tiny.py     # first: the base checkpoint in out/tiny (~5 minutes)
     python train.py configs/qlora.py
-    python -m nanoft.lora merge --adapter out/qlora --out out/qlora-merged && python sample.py out/qlora-merged
+    python -m nanoft merge --adapter out/qlora --out out/qlora-merged && python sample.py out/qlora-merged
 """
 import dataclasses
 import runpy

@@ -4,7 +4,7 @@ Every weight trains. PPO, the third stage, is not in nanoft yet.
 
     python train.py configs/tiny.py --max_iters=1500 --out_dir=out/tiny-1500   # first: a base (see configs/dpo.py)
     python train.py configs/reward.py --init_from=out/tiny-1500   # held-out pairwise accuracy: 0.657 measured
-    python -m nanoft.reward out/reward --prompt "ROMEO:\n..." --response "..." --response "..."
+    python -m nanoft reward out/reward --prompt "ROMEO:\n..." --response "..." --response "..."
 """
 import dataclasses
 import runpy

@@ -6,7 +6,7 @@
     python data/prepare.py mycorpus --url https://example.org/corpus.txt [--sha256 HEX]
 
 Downloads and the tokenizer are cached in data/.cache/ (set NANOFT_DATA to put data/ elsewhere).
-The logic lives in nanoft/corpus.py; this file only parses the command line and reports what it wrote.
+The logic lives in nanoft/data/corpus.py; this file only parses the command line and reports what it wrote.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanoft import corpus, data
+from nanoft.data import corpus, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for split in ("train", "val"):
         path = Path(out) / f"{split}.bin"
-        print(f"wrote {path}: {len(data.read_tokens(path)):,} tokens")
-    baseline = data.unigram_entropy(Path(out) / "val.bin")
+        print(f"wrote {path}: {len(tokens.read_tokens(path)):,} tokens")
+    baseline = tokens.unigram_entropy(Path(out) / "val.bin")
     print(f"val unigram baseline: {baseline:.3f} nats/token (a model that ignores context scores this)")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0

@@ -335,15 +335,6 @@ def _dequantize_on_cpu(q: NF4State, dtype: torch.dtype, nf4: Tensor, pairs: Tens
     return out.view(q.shape)
 
 
-def absmax_float(q: NF4State, backend: str = "auto") -> Tensor:
-    """The float32 per-block absmax (undoing double quantization if any)."""
-    if not q.double_quant:
-        return q.absmax
-    scaled = dequantize_blockwise8(q.absmax, q.nested_absmax, dynamic_map_on(q.device), NESTED_BLOCKSIZE,
-                                   backend=backend)
-    return scaled + q.offset
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Plain PyTorch reference: the readable specification the kernels are held to
 

@@ -29,13 +29,11 @@ class ConfigError(ValueError):
 
 # keys whose value must be one of a fixed set; checked on every Config construction
 CHOICES = {
-    "optimizer": ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "adafactor"),  # = nanoft.optim.OPTIMIZERS
-    "finetune": ("none", "full", "lora", "qlora", "prefix", "adapter", "dpo", "reward", "distill"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "finetune_weights": ("full", "lora", "qlora"),
 }
-# objectives of their own (nanoft/dpo.py, reward.py, distill.py); DPO may train LoRA/QLoRA adapters instead
+# objectives of their own (nanoft/objectives/dpo.py, reward.py, distill.py); DPO may train LoRA/QLoRA adapters instead
 OBJECTIVE_FINETUNES = ("dpo", "reward", "distill")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 
@@ -68,7 +66,7 @@ class Config:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
     tie_embeddings: bool = True  # the head's weight is the token embedding (GPT-2); False: a separate lm_head
     # --- optimizer and schedule ---
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit | adafactor
+    optimizer: str = "adamw"  # a name in nanoft/optim/__init__.py's table: adamw, adamw8bit, paged_adamw, ...
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # linear warmup steps
@@ -84,7 +82,7 @@ class Config:
     adafactor_scale_parameter: bool = False  # scale the step by the parameter's RMS: meant for relative_step (with the schedule's lr it shrinks steps ~50x)
     adafactor_warmup_init: bool = False  # Adafactor's relative step warms up from 1e-6 (needs relative_step)
     # --- fine-tuning ---
-    finetune: str = "none"  # none (pretraining) | full | lora | qlora | prefix | adapter | dpo | reward | distill
+    finetune: str = "none"  # a name in nanoft/objectives/__init__.py's table: none (pretraining), full, lora, qlora, ...
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B @ A
     lora_dropout: float = 0.05  # dropout on the LoRA path's input
@@ -106,7 +104,7 @@ class Config:
     # --- system ---
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # autocast dtype: auto is bfloat16 on CUDA when supported, float32 elsewhere
-    compile: bool | str = "auto"  # torch.compile the model: True, False, or auto (when the run is long enough to repay it; nanoft/precision.py)
+    compile: bool | str = "auto"  # torch.compile the model: True, False, or auto (when the run is long enough to repay it; nanoft/run/precision.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer states (FSDP2)
     dist_timeout: int = 600  # under torchrun: seconds a collective waits for the other ranks before failing
     seed: int = 1337  # seeds the model init and the batch order
@@ -148,10 +146,6 @@ class Config:
         _check("distill_alpha", 0 <= self.distill_alpha <= 1, self.distill_alpha, "in [0, 1]")
         _check("distill_temperature", 0 < self.distill_temperature < math.inf, self.distill_temperature,
                "a finite number > 0")
-        _check("teacher_from", bool(self.teacher_from.strip()) == (self.finetune == "distill"), self.teacher_from,
-               "a checkpoint dir with finetune=distill, and empty otherwise")
-        _check("finetune_weights", self.finetune_weights == "full" or self.finetune == "dpo", self.finetune_weights,
-               "full unless finetune=dpo (reward and distill train full weights)")
         for key in ("out_dir", "init_from", "dataset"):
             _check(key, bool(getattr(self, key).strip()), getattr(self, key), "not empty")
 
@@ -159,8 +153,8 @@ class Config:
     def lora_kind(self) -> str:
         """"lora" or "qlora" when the run trains LoRA adapters (finetune=lora/qlora, or dpo with those
         finetune_weights), else "": the one test for "this run's weights are a base plus adapters"."""
-        kind = self.finetune_weights if self.finetune in OBJECTIVE_FINETUNES else self.finetune
-        return kind if kind in ("lora", "qlora") else ""
+        kind = self.finetune_weights if self.finetune_weights != "full" else self.finetune  # nanoft.objectives.method_of
+        return kind if kind in ("lora", "qlora") else ""  # lets finetune_weights differ from full only where it applies
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanoft import distributed  # imports no triton: TRITON_INTERPRET below is still set in time
+from nanoft.run import distributed  # imports no triton: TRITON_INTERPRET below is still set in time
 
 CUDA = torch.cuda.is_available()
 if not CUDA:

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from nanoft import checkpoint
-from nanoft.checkpoint import Checkpoint, CheckpointError
+from nanoft.run import checkpoint
+from nanoft.run.checkpoint import Checkpoint, CheckpointError
 from nanoft.config import Config
-from nanoft.model import GPT
+from nanoft.model.gpt import GPT
 
 CFG = Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)
 
@@ -17,7 +17,7 @@ def _trained(seed: int = 0):
     model = GPT(CFG)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, CFG.vocab_size, (2, 16))
-    model(x, x)[1].backward()
+    model(x, x).backward()
     opt.step()
     return model, opt
 

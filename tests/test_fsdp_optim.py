@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from conftest import run_ranks
-from nanoft import distributed
+from nanoft.run import distributed
 from nanoft.optim import Adafactor, AdamW8bit, PagedAdamW, PagedAdamW8bit, param_groups
 
 STEPS = 3

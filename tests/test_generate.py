@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft import checkpoint
+from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.tokenizer import get_tokenizer
-from nanoft.lora import LoRALinear
-from nanoft.model import GPT, KVCache
-from nanoft.prefix import apply_prefix
-from nanoft.quant import Linear4bit
+from nanoft.data.tokenizer import get_tokenizer
+from nanoft.peft.lora import LoRALinear
+from nanoft.model.gpt import GPT, KVCache
+from nanoft.peft.prefix import apply_prefix
+from nanoft.quant.nf4 import Linear4bit
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)
@@ -75,10 +75,10 @@ def test_cached_logits_equal_full_forward_logits_at_every_position():
     seq = torch.randint(0, CFG.vocab_size, (2, CFG.block_size), generator=torch.Generator().manual_seed(4))
     cache = [KVCache(CFG.block_size) for _ in model.blocks]
     with torch.no_grad():
-        steps = [model(seq[:, :4], kv_cache=cache)[0]]  # a 4-token prompt, then one token at a time
-        steps += [model(seq[:, t:t + 1], kv_cache=cache)[0] for t in range(4, CFG.block_size)]
+        steps = [model.next_token_logits(seq[:, :4], cache)]  # a 4-token prompt, then one token at a time
+        steps += [model.next_token_logits(seq[:, t:t + 1], cache) for t in range(4, CFG.block_size)]
         for t, logits in zip(range(3, CFG.block_size), steps):
-            torch.testing.assert_close(logits, model(seq[:, :t + 1])[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, model.next_token_logits(seq[:, :t + 1]), rtol=1e-5, atol=1e-5)
 
 
 def test_each_cached_step_runs_one_position_until_the_window_is_full():
@@ -94,9 +94,9 @@ def test_a_cache_past_block_size_is_refused():
     model = model_with_distinct_tokens()
     cache = [KVCache(CFG.block_size) for _ in model.blocks]
     with torch.no_grad():
-        model(torch.zeros(1, CFG.block_size, dtype=torch.long), kv_cache=cache)
+        model.next_token_logits(torch.zeros(1, CFG.block_size, dtype=torch.long), cache)
         with pytest.raises(ValueError, match=f"^sequence length {CFG.block_size + 1} exceeds block_size {CFG.block_size}$"):
-            model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+            model.next_token_logits(torch.zeros(1, 1, dtype=torch.long), cache)
 
 
 def test_the_cache_runs_through_lora_and_qlora_layers():

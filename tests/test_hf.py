@@ -22,13 +22,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nanoft import checkpoint, data, hf
-from nanoft.adapters import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
+from nanoft.data import tokens
+from nanoft.interop import hf
+from nanoft.run import checkpoint
+from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
 from nanoft.config import Config
-from nanoft.export import export, import_peft
-from nanoft.export import main as export_main
-from nanoft.model import load_pretrained
-from nanoft.sft import write_sft_jsonl
+from nanoft.tools.export import export, import_peft
+from nanoft.tools.export import main as export_main
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.data.sft import write_sft_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)  # GPT-2's vocabulary: text round trips
@@ -98,11 +100,11 @@ def hub(tmp_path_factory):
     """The Hub on loopback, nanoft's data root (and so its cache) in a temporary folder."""
     root = tmp_path_factory.mktemp("hf")
     (root / "data" / ".cache").mkdir(parents=True)
-    shutil.copy(data.cache_dir() / "gpt2.tiktoken", root / "data" / ".cache")  # the tokenizer, offline
+    shutil.copy(tokens.cache_dir() / "gpt2.tiktoken", root / "data" / ".cache")  # the tokenizer, offline
     server = Hub(root / "hub")
     server.models = {"tied": server.publish("tiny/tied"), "untied": server.publish("tiny/untied", tied=False, seed=1)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "DATA_ROOT", root / "data")
+        mp.setattr(tokens, "DATA_ROOT", root / "data")
         mp.setenv("NANOFT_HF_ENDPOINT", f"http://127.0.0.1:{server.port}")
         yield server
     server.httpd.shutdown()
@@ -138,7 +140,7 @@ def report(what: str, a: torch.Tensor, b: torch.Tensor) -> float:
 def test_init_from_a_name_matches_transformers_logits_and_greedy_tokens(hub, layout, monkeypatch):
     online(monkeypatch)
     cfg = hf.resolve(Config(init_from=f"tiny/{layout}", block_size=1024, dropout=0.0))
-    assert Path(cfg.init_from) == data.cache_dir() / "hf" / f"tiny--{layout}" / "model.safetensors"
+    assert Path(cfg.init_from) == tokens.cache_dir() / "hf" / f"tiny--{layout}" / "model.safetensors"
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 32, 50257)
     assert cfg.block_size == 64 and cfg.tie_embeddings == (layout == "tied")  # capped at n_positions; the file's head
     model = load_pretrained(cfg, cfg.init_from).eval()
@@ -169,7 +171,7 @@ def test_download_checks_the_published_sha256_follows_a_rename_and_caches(hub, m
     hub.etags["tiny/corrupt"] = "0" * 64  # the published checksum disagrees with the bytes
     with pytest.raises(ValueError, match="sha256 mismatch"):
         hf.fetch("tiny/corrupt")
-    cached = data.cache_dir() / "hf" / "tiny--corrupt"
+    cached = tokens.cache_dir() / "hf" / "tiny--corrupt"
     assert (cached / "model.safetensors.bad").exists() and not (cached / "model.safetensors").exists()  # set aside
     with pytest.raises(ValueError, match="no GPT-2 of that name on the Hub.*404"):
         hf.fetch("tiny/missing")

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from nanoft import checkpoint
+from nanoft.run import checkpoint
 from nanoft.config import LORA_TARGETS, Config, load_config
-from nanoft.adapters import (adapter_config, adapter_state_dict, apply_lora, count_params, load_adapter_state_dict,
+from nanoft.peft.lora_model import (adapter_config, adapter_state_dict, apply_lora, count_params, load_adapter_state_dict,
                              lora_modules, merge_lora, trainable_summary)
-from nanoft.lora import LoRALinear
-from nanoft.model import GPT
+from nanoft.peft.lora import LoRALinear
+from nanoft.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, dropout=0.0, lora_dropout=0.0,
@@ -41,7 +41,7 @@ def tokens(seed: int = 0, B: int = 3, T: int = 16) -> torch.Tensor:
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x, x, return_logits=True)[0]  # logits at every position
+    return model(x)  # logits at every position
 
 
 def test_lora_linear_equals_base_at_init_even_with_dropout():
@@ -125,7 +125,7 @@ def test_only_adapters_receive_gradients(train_norms):
     apply_lora(model, cfg)
     randomize_adapters(model)  # with B = 0 the gradient of A would be zero: not a real test
     x = tokens()
-    model(x, x)[1].backward()
+    model(x, x).backward()
     for name, p in model.named_parameters():
         is_norm = ".ln_" in name or name.startswith("ln_f.")
         trains = name.endswith((".lora_A", ".lora_B")) or (train_norms and is_norm)
@@ -149,7 +149,7 @@ def test_trained_norms_lift_the_frozen_heads_confidence_cap():
         x = tokens(B=4, T=8)
         y = torch.full_like(x, 7)
         for _ in range(100):
-            loss = model(x, y)[1]
+            loss = model(x, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -235,7 +235,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune):
         randomize_adapters(model)
         model.train()
         x = tokens()
-        model(x, x)[1].backward()
+        model(x, x).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -244,7 +244,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune):
 
 def test_merge_command_writes_a_plain_checkpoint(tmp_path):
     """What a user does: a base checkpoint, a LoRA run's adapter checkpoint (saved as train.py saves it),
-    `python -m nanoft.lora merge`, then the merged checkpoint loads into a plain GPT."""
+    `python -m nanoft merge`, then the merged checkpoint loads into a plain GPT."""
     base, cfg = small_model(finetune="none")
     checkpoint.save(tmp_path / "base", checkpoint.Checkpoint(step=10, config=cfg.to_dict(), model=base.state_dict()))
     lora_cfg = dataclasses.replace(cfg, finetune="lora", init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "run"))
@@ -252,7 +252,7 @@ def test_merge_command_writes_a_plain_checkpoint(tmp_path):
     randomize_adapters(model)
     checkpoint.save(tmp_path / "run", checkpoint.Checkpoint(step=5, config=lora_cfg.to_dict(), model=adapter_state_dict(model),
                                                             base_from=lora_cfg.init_from))
-    out = subprocess.run([sys.executable, "-m", "nanoft.lora", "merge", "--adapter", str(tmp_path / "run"),
+    out = subprocess.run([sys.executable, "-m", "nanoft", "merge", "--adapter", str(tmp_path / "run"),
                           "--out", str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     ck = checkpoint.load(tmp_path / "merged")
@@ -262,7 +262,7 @@ def test_merge_command_writes_a_plain_checkpoint(tmp_path):
     x = tokens()
     torch.testing.assert_close(logits(plain, x), logits(model, x), rtol=1e-5, atol=1e-5)
 
-    bad = subprocess.run([sys.executable, "-m", "nanoft.lora", "merge", "--adapter", str(tmp_path / "base"),
+    bad = subprocess.run([sys.executable, "-m", "nanoft", "merge", "--adapter", str(tmp_path / "base"),
                           "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "not a LoRA adapter" in bad.stderr
 
@@ -270,7 +270,7 @@ def test_merge_command_writes_a_plain_checkpoint(tmp_path):
 # --- QLoRA: needs the NF4 Linear4bit -------------------------------------------------------------
 
 def test_qlora_forward_matches_float_linear_with_dequantized_weight():
-    quant = pytest.importorskip("nanoft.quant")
+    quant = pytest.importorskip("nanoft.quant.nf4")
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)
     q = quant.Linear4bit.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
@@ -293,7 +293,7 @@ def test_qlora_forward_matches_float_linear_with_dequantized_weight():
 
 
 def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
-    quant = pytest.importorskip("nanoft.quant")
+    quant = pytest.importorskip("nanoft.quant.nf4")
     model, cfg = small_model(finetune="qlora", nf4_blocksize=64, double_quant=True)
     apply_lora(model, cfg)
     randomize_adapters(model)
@@ -305,7 +305,7 @@ def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
     assert model.wte.weight.dtype == torch.float32 and not model.wte.weight.requires_grad
     x = tokens()
     want = logits(model, x)
-    model(x, x)[1].backward()
+    model(x, x).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(adapter_state_dict(model)) and all(model.get_parameter(n).grad is not None for n in trainable)
     assert "trainable params" in trainable_summary(model)
@@ -330,7 +330,7 @@ def test_frozen_base_in_the_compute_dtype_trained_tensors_in_float32(finetune):
     with torch.autocast("cpu", torch.bfloat16):
         layer = model.blocks[0].attn.q_proj
         assert layer(torch.randn(2, 3, 64)).dtype == torch.bfloat16  # no cast back to the input's float32
-        loss = model(x, x)[1]
+        loss = model(x, x)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)

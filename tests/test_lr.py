@@ -1,7 +1,7 @@
 """warmup_cosine: nanoGPT's warmup convention, cosine decay to min_lr, flat after max_iters."""
 import math
 
-from nanoft.lr import warmup_cosine
+from nanoft.optim.schedule import warmup_cosine
 
 KW = dict(warmup_iters=100, max_iters=1000, lr=6e-4, min_lr=6e-5)
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from nanoft.config import Config, ConfigError
-from nanoft.memory import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
+from nanoft.tools.memory.command import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
                            train_step)
-from nanoft.memory_estimate import Run, activation_bytes, nf4_bytes, static_bytes, trainable_and_frozen
-from nanoft.memory_peak import peak_bytes, rule_16_bytes
-from nanoft.memory_sharded import per_rank
-from nanoft.model_shape import GB, PRESETS, ModelShape
-from nanoft.model import GPT
+from nanoft.tools.memory.estimate import Run, activation_bytes, nf4_bytes, static_bytes, trainable_and_frozen
+from nanoft.tools.memory.peak import peak_bytes, rule_16_bytes
+from nanoft.tools.memory.sharded import per_rank
+from nanoft.tools.memory.shape import GB, PRESETS, ModelShape
+from nanoft.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 # small, but with tensors on both sides of min_8bit_size (4096) and blocks that do not divide evenly
@@ -125,14 +125,14 @@ def test_total_within_two_percent_at_gpt2_vocabulary(dtype, finetune):
     assert abs(est["total"] - peak) <= 0.02 * peak, (est["total"], peak)
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanoft.memory", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nanoft", "memory", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
 def test_cli_estimates_100m_without_allocating_it(tmp_path):
     log = tmp_path / "out.txt"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "nanoft.memory", "configs/100m.py"], cwd=ROOT, stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", "nanoft", "memory", "configs/100m.py"], cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak (RUSAGE_CHILDREN: any child's so far)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -169,7 +169,7 @@ def test_cli_unknown_flag_is_one_clear_line():
     (["--shape=llama-9b"], "unknown --shape 'llama-9b'"),
     (["--shape=llama-70b", "--measure"], "--measure builds nanoft's GPT"),
     (["configs/100m.py", "--steps=x"], "--steps expects int"),
-    (["--params=7e9", "--optimizer=adafactor"], "Adafactor's factored states need the matrix shapes"),
+    (["--params=7e9", "--optimizer=adafactor"], "Adafactor's states need the matrix shapes"),
 ])
 def test_bad_arguments_raise_clear_errors(args, message):
     with pytest.raises((ConfigError, MeasureError, ValueError), match=re.escape(message)):
@@ -183,7 +183,7 @@ def test_main_measure_prints_both_columns(capsys):
 
 
 def test_per_rank_under_fsdp_shards_the_frozen_base_and_keeps_adapters_whole(capsys):
-    """QLoRA across 8 ranks (nanoft.memory_sharded): each rank holds 1/8 of the NF4 base, all of the adapters,
+    """QLoRA across 8 ranks (nanoft.tools.memory.sharded): each rank holds 1/8 of the NF4 base, all of the adapters,
     their gradients and states, and the gathered groups on top; activations are the rank's own batch's."""
     cfg = Config(finetune="qlora", optimizer="paged_adamw8bit", device="cuda", batch_size=1, block_size=2048,
                  gradient_checkpointing=True, fsdp=True)

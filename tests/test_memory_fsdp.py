@@ -1,18 +1,18 @@
-"""nanoft.memory_measure under FSDP2: each of 2 gloo ranks counts its own shards (DTensors' local tensors) of the
+"""nanoft.run.memory_measure under FSDP2: each of 2 gloo ranks counts its own shards (DTensors' local tensors) of the
 parameters, gradients and AdamW states: half of what one process holds, since every dimension here is even."""
 import dataclasses
 
 import torch
 
 from conftest import run_ranks
-from nanoft import distributed
+from nanoft.run import distributed
 from nanoft.config import load_config
-from nanoft.memory_estimate import Run
-from nanoft.memory_measure import exact_bytes, measured_breakdown
-from nanoft.memory_peak import peak_bytes
-from nanoft.memory_sharded import per_rank
-from nanoft.model_shape import ModelShape
-from nanoft.model import GPT
+from nanoft.tools.memory.estimate import Run
+from nanoft.run.memory_measure import exact_bytes, measured_breakdown
+from nanoft.tools.memory.peak import peak_bytes
+from nanoft.tools.memory.sharded import per_rank
+from nanoft.tools.memory.shape import ModelShape
+from nanoft.model.gpt import GPT
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu", "--dropout=0.0"]
 
@@ -23,7 +23,7 @@ def run_one_step(model: torch.nn.Module) -> dict:
     torch.manual_seed(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 50304, (2, 16))
-    model(x, x)[1].backward()
+    model(x, x).backward()
     grads = exact_bytes(model, None)["grads"]
     optimizer.step()
     got = exact_bytes(model, optimizer)
@@ -49,7 +49,7 @@ def test_each_rank_counts_its_shards_of_params_grads_and_states():
         assert rank["steps"] == one["steps"]  # AdamW's step counters are not sharded
         assert rank["states"] - rank["steps"] == (one["states"] - one["steps"]) // 2 > 0  # exp_avg, exp_avg_sq
         assert "this rank's shards" in rank["text"] and "this rank's shards" not in one["text"]
-    # and the estimator's per-rank figure (nanoft.memory_sharded) is what each rank holds, byte for byte
+    # and the estimator's per-rank figure (nanoft.tools.memory.sharded) is what each rank holds, byte for byte
     cfg = dataclasses.replace(load_config("configs/tiny.py", SMALL), fsdp=True)
     shape, run = ModelShape.from_config(cfg), Run.from_config(cfg)
     est = per_rank(peak_bytes(shape, run), shape, run, 2)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nanoft.config import Config
-from nanoft.hf import gpt2_state_dict
-from nanoft.model import GPT, attention, explicit_attention
+from nanoft.interop.hf import gpt2_state_dict
+from nanoft.model.gpt import GPT, attention, explicit_attention
 
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)
 
@@ -19,8 +19,8 @@ def test_changing_future_tokens_leaves_past_logits_unchanged():
     idx = torch.randint(0, CFG.vocab_size, (2, 16))
     changed = idx.clone()
     changed[:, 10:] = torch.randint(0, CFG.vocab_size, (2, 6))
-    logits_a, _ = model(idx, idx, return_logits=True)
-    logits_b, _ = model(changed, changed, return_logits=True)
+    logits_a = model(idx)
+    logits_b = model(changed)
     torch.testing.assert_close(logits_a[:, :10], logits_b[:, :10], rtol=0, atol=1e-6)
     assert not torch.allclose(logits_a[:, 10:], logits_b[:, 10:])
 
@@ -30,7 +30,7 @@ def test_loss_at_init_is_close_to_ln_vocab():
     model = GPT(CFG)
     idx = torch.randint(0, CFG.vocab_size, (4, 32))
     targets = torch.randint(0, CFG.vocab_size, (4, 32))
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)
     assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.1
 
 
@@ -54,10 +54,10 @@ def test_the_models_written_out_attention_path_equals_sdpa():
     torch.manual_seed(0)
     model = GPT(CFG).eval()
     idx = torch.randint(0, CFG.vocab_size, (2, 16))
-    sdpa_logits, _ = model(idx, idx, return_logits=True)
+    sdpa_logits = model(idx)
     for block in model.blocks:
         block.attn.use_sdpa = False  # explicit_attention: softmax(Q K^T / sqrt(hs) + causal mask) V
-    explicit_logits, _ = model(idx, idx, return_logits=True)
+    explicit_logits = model(idx)
     torch.testing.assert_close(explicit_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
     # queries that are the last T_q of T_k positions (after a KV cache or a prefix): the mask aligns to the end
     q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 7, 16), torch.randn(2, 4, 7, 16)
@@ -75,7 +75,7 @@ def test_loss_mask_restricts_the_loss_to_masked_positions():
     idx = torch.randint(0, CFG.vocab_size, (2, 8))
     mask = torch.zeros(2, 8, dtype=torch.long)
     mask[:, 5:] = 1
-    logits, loss = model(idx, idx, mask, return_logits=True)
+    logits, loss = model(idx), model(idx, idx, mask)
     expected = F.cross_entropy(logits[:, 5:].reshape(-1, CFG.vocab_size), idx[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, expected)
 

@@ -1,4 +1,4 @@
-"""Every optimizer's state_dict survives safetensors + JSON (as nanoft.checkpoint stores it) and training
+"""Every optimizer's state_dict survives safetensors + JSON (as nanoft.run.checkpoint stores it) and training
 resumes bit-exactly, with 8-bit codes, absmax and host-resident states back in their dtype and place."""
 import dataclasses
 import json
@@ -31,7 +31,7 @@ def _train(model, opt, steps: int, seed: int) -> None:
 
 
 def _round_trip(state_dict: dict, path) -> dict:
-    """Flatten as nanoft.checkpoint does: state tensors to safetensors, everything else to JSON."""
+    """Flatten as nanoft.run.checkpoint does: state tensors to safetensors, everything else to JSON."""
     tensors, plain = {}, {}
     for idx, slots in state_dict["state"].items():
         for name, value in slots.items():

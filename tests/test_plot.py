@@ -1,4 +1,4 @@
-"""python -m nanoft.plot: loss and learning-rate curves of train.py out_dirs in a PNG, without wandb."""
+"""python -m nanoft plot: loss and learning-rate curves of train.py out_dirs in a PNG, without wandb."""
 import json
 import struct
 import subprocess
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nanoft import plot
+from nanoft.run import loss_plot as plot
+from nanoft.tools.plot import main as plot_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_read_metrics_keeps_the_last_record_of_a_step_logged_twice(tmp_path):
 def test_two_runs_are_drawn_into_a_valid_png_of_the_expected_size(tmp_path):
     image = pytest.importorskip("matplotlib.image")
     a, b = write_run(tmp_path / "adamw"), write_run(tmp_path / "adafactor", start_loss=7.0)
-    r = subprocess.run([sys.executable, "-m", "nanoft.plot", str(a), str(b), "--to", str(tmp_path / "cmp" / "loss.png")],
+    r = subprocess.run([sys.executable, "-m", "nanoft", "plot", str(a), str(b), "--to", str(tmp_path / "cmp" / "loss.png")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     to = tmp_path / "cmp" / "loss.png"
@@ -57,7 +58,7 @@ def test_two_runs_are_drawn_into_a_valid_png_of_the_expected_size(tmp_path):
 def test_one_run_defaults_to_its_own_loss_png(tmp_path):
     pytest.importorskip("matplotlib")
     run = write_run(tmp_path / "run")
-    plot.main([str(run)])
+    plot_main([str(run)])
     assert png_size(run / "loss.png") == (plot.FIGSIZE[0] * plot.DPI, plot.FIGSIZE[1] * plot.DPI)
 
 
@@ -73,7 +74,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     with open(bad / "metrics.jsonl", "a") as f:
         f.write('{"loss": 1.0}\n')
     fill = {"a": a, "b": b, "bad": bad, "tmp": tmp_path}
-    r = subprocess.run([sys.executable, "-m", "nanoft.plot", *(x.format(**fill) for x in args)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "nanoft", "plot", *(x.format(**fill) for x in args)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip() == message.format(**fill)
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.tmp"))
@@ -82,7 +83,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 def test_refresh_without_matplotlib_is_silently_skipped(tmp_path):
     run = write_run(tmp_path / "run")
     code = ("import sys; sys.modules['matplotlib'] = None  # as if not installed: importing it raises ImportError\n"
-            f"from nanoft import plot; plot.refresh({str(run)!r}); print('trained on')")
+            f"from nanoft.run import loss_plot; loss_plot.refresh_plot({str(run)!r}); print('trained on')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (0, "trained on\n", "")
     assert not (run / "loss.png").exists()
@@ -92,7 +93,7 @@ def test_refresh_never_fails_the_run(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = write_run(tmp_path / "run")
     (run / "metrics.jsonl").write_text("not json\n")
-    plot.refresh(run)  # returns: a picture is never worth a training run
+    plot.refresh_plot(run)  # returns: a picture is never worth a training run
     assert capsys.readouterr().err == (f"warning: could not draw {run / 'loss.png'}: "
                                        f"{run / 'metrics.jsonl'}, line 1: not a metrics record (a JSON object with a step)\n")
     assert not list(run.glob("*.png")) and not list(run.glob(".*tmp"))

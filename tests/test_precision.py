@@ -1,4 +1,4 @@
-"""The "auto" rules of nanoft/precision.py: bf16 on CPUs with bf16 instructions, float32 elsewhere; compile only
+"""The "auto" rules of nanoft/run/precision.py: bf16 on CPUs with bf16 instructions, float32 elsewhere; compile only
 for runs long enough to repay it; explicit settings always win."""
 import dataclasses
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from nanoft.config import Config, load_config
-from nanoft.model import GPT
-from nanoft.precision import COMPILE_MIN_RUN_FLOPS, cpu_has_native_bf16, frozen_dtype, pick_compile, pick_dtype
+from nanoft.model.gpt import GPT
+from nanoft.objectives import METHODS
+from nanoft.run.precision import COMPILE_MIN_RUN_FLOPS, cpu_has_native_bf16, frozen_dtype, pick_compile, pick_dtype
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE_RAPIDS = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
@@ -41,13 +42,15 @@ def test_compile_auto_only_for_runs_whose_maths_repay_it():
     model = GPT(cfg)
     short = dataclasses.replace(cfg, max_iters=40)  # what the train.py tests run: ~0.05 TFLOP
     long = dataclasses.replace(cfg, max_iters=int(2 * COMPILE_MIN_RUN_FLOPS / 1.26e9))  # 1.26 GFLOP per step
-    assert not pick_compile(short, model, "cpu")
-    assert pick_compile(long, model, "cpu")
-    assert not pick_compile(long, model, "cuda")  # not measured on GPUs: "auto" leaves it off there
-    assert not pick_compile(dataclasses.replace(long, finetune="lora"), model, "cpu")  # nor for LoRA's graph
+    measured = METHODS["none"].compile_measured(long)
+    assert not pick_compile(short, model, "cpu", measured)
+    assert pick_compile(long, model, "cpu", measured)
+    assert not pick_compile(long, model, "cuda", measured)  # not measured on GPUs: "auto" leaves it off there
+    lora = dataclasses.replace(long, finetune="lora")
+    assert not pick_compile(lora, model, "cpu", METHODS["lora"].compile_measured(lora))  # nor for LoRA's graph
     for forced in (True, False):
-        assert pick_compile(dataclasses.replace(short, compile=forced), model, "cpu") is forced
-        assert pick_compile(dataclasses.replace(long, compile=forced), model, "cuda") is forced
+        assert pick_compile(dataclasses.replace(short, compile=forced), model, "cpu", measured) is forced
+        assert pick_compile(dataclasses.replace(long, compile=forced), model, "cuda", measured) is forced
 
 
 def test_compile_setting_is_checked():

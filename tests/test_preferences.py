@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft import checkpoint, run_guard
-from nanoft.adapters import apply_lora
+from nanoft.run import checkpoint
+from nanoft.run.resume import check_resume
+from nanoft.peft.lora_model import apply_lora
 from nanoft.config import Config
-from nanoft.dpo import DPO, FrozenReference, dpo_loss
-from nanoft.logprobs import sequence_logprobs
-from nanoft.memory_estimate import Run, static_bytes
-from nanoft.model import GPT
-from nanoft.model_shape import ModelShape
-from nanoft.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
-from nanoft.reward import RewardModel, bradley_terry_loss, load_reward_model, main as reward_main, rewards
-from nanoft.sft import SFTExample, collate, fit_to_block
+from nanoft.objectives.dpo import DPO, FrozenReference, dpo_loss
+from nanoft.model.logprobs import sequence_logprobs
+from nanoft.tools.memory.estimate import Run, static_bytes
+from nanoft.model.gpt import GPT
+from nanoft.tools.memory.shape import ModelShape
+from nanoft.data.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
+from nanoft.objectives.reward import RewardModel, bradley_terry_loss, rewards
+from nanoft.tools.reward import load_reward_model, main as reward_main
+from nanoft.data.sft import SFTExample, collate, fit_to_block
 
 import train  # the repository's scripts: run here, in this process
 from sample import load_model
@@ -239,7 +241,7 @@ def test_a_saved_reward_model_loads_with_its_head_and_scores(tmp_path, capsys):
 def test_resume_refuses_other_weights_or_other_pairs(tmp_path, key, saved, now):
     resume = checkpoint.Checkpoint(step=1, config=Config(finetune="dpo", **{key: saved}).to_dict(), model={})
     with pytest.raises(checkpoint.CheckpointError, match=key):
-        run_guard.check_resume(resume, Config(finetune="dpo", out_dir=str(tmp_path), **{key: now}))
+        check_resume(resume, Config(finetune="dpo", out_dir=str(tmp_path), **{key: now}))
 
 
 def test_memory_estimate_knows_dpo_and_the_reward_head():

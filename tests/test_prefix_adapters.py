@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft import checkpoint
+from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.houlsby_adapters import Adapter
-from nanoft.model import GPT, CausalSelfAttention, load_pretrained
-from nanoft.peft_methods import apply_method, cannot_merge, load_trained, saved_tensors
-from nanoft.prefix import PrefixEncoder, PrefixTable
-from nanoft.sft import write_sft_jsonl
+from nanoft.peft.houlsby import Adapter
+from nanoft.model.gpt import GPT, CausalSelfAttention
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.peft.methods import apply_method, cannot_merge, load_trained, saved_tensors
+from nanoft.peft.prefix import PrefixEncoder, PrefixTable
+from nanoft.data.sft import write_sft_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, dropout=0.0, device="cpu", dtype="float32",
@@ -72,14 +73,14 @@ def test_prefix_keeps_the_model_causal():
     x = tokens()
     changed = x.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % SMALL.vocab_size
-    a, b = model(x, x, return_logits=True)[0], model(changed, changed, return_logits=True)[0]
+    a, b = model(x), model(changed)
     assert torch.equal(a[:, :8], b[:, :8]) and not torch.equal(a[:, 8:], b[:, 8:])
 
 
 def test_folded_prefix_gives_the_same_logits_and_saves_only_the_keys_and_values():
     _, model, cfg = model_for("prefix")
     x = tokens()
-    trained = model(x, x, return_logits=True)[0]
+    trained = model(x)
     weights, train_only = saved_tensors(model, cfg)
     L, P, C = cfg.n_layer, cfg.prefix_len, cfg.n_embd
     assert {k: tuple(v.shape) for k, v in weights.items()} == {"prefix.key": (L, P, C), "prefix.value": (L, P, C)}
@@ -89,19 +90,19 @@ def test_folded_prefix_gives_the_same_logits_and_saves_only_the_keys_and_values(
     folded = apply_method(GPT(cfg), cfg, for_training=False)
     folded.load_state_dict(base.state_dict(), strict=False)
     load_trained(folded, cfg, weights, {})
-    assert isinstance(folded.prefix, PrefixTable) and torch.equal(folded(x, x, return_logits=True)[0], trained)
+    assert isinstance(folded.prefix, PrefixTable) and torch.equal(folded(x), trained)
 
 
 def test_adapters_start_equal_to_the_base_and_then_move():
     base, model, _ = model_for("adapter")
     x = tokens()
-    assert torch.equal(model(x, x, return_logits=True)[0], base(x, x, return_logits=True)[0])
+    assert torch.equal(model(x), base(x))
     adapters = [m for m in model.modules() if isinstance(m, Adapter)]
     assert len(adapters) == 2 * SMALL.n_layer and all(torch.all(a.up.weight == 0) for a in adapters)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(x, x)[1].backward()
+    model(x, x).backward()
     opt.step()
-    assert not torch.equal(model(x, x, return_logits=True)[0], base(x, x, return_logits=True)[0])
+    assert not torch.equal(model(x), base(x))
     assert torch.equal(model.wte.weight, base.wte.weight)  # the base itself did not move
 
 
@@ -109,7 +110,7 @@ def test_adapters_start_equal_to_the_base_and_then_move():
 def test_only_the_methods_parameters_train(finetune):
     _, model, cfg = model_for(finetune)
     x = tokens()
-    model(x, x)[1].backward()
+    model(x, x).backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     if finetune == "prefix":  # the MLP and its embedding; every weight of the model frozen
         assert got == {n for n, _ in model.prefix.named_parameters(prefix="prefix")}
@@ -124,7 +125,7 @@ def test_gradient_checkpointing_gives_the_same_prefix_gradients():
     grads = []
     for on in (False, True):
         _, model, _ = model_for("prefix", gradient_checkpointing=on)
-        model(tokens(), tokens())[1].backward()
+        model(tokens(), tokens()).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
@@ -189,8 +190,8 @@ def test_train_save_resume_and_sample_round_trip(tmp_path, finetune, capsys, mon
     resumable = apply_method(load_pretrained(cfg, base), cfg)  # as a resumed run rebuilds it
     load_trained(resumable, cfg, ck.model, ck.train_only)
     x = tokens(T=10)
-    assert torch.equal(loaded(x, x, return_logits=True)[0], resumable(x, x, return_logits=True)[0])
-    from nanoft.merge import merge_checkpoint
+    assert torch.equal(loaded(x), resumable(x))
+    from nanoft.tools.merge import merge_checkpoint
     with pytest.raises(ValueError, match="cannot be merged"):
         merge_checkpoint(str(tmp_path / "run"), str(tmp_path / "merged"))
     monkeypatch.setattr(sys, "argv", ["sample.py", str(tmp_path / "run"), "--prompt=Who says", "--max_new_tokens=3"])
@@ -205,10 +206,10 @@ def test_memory_estimator_knows_prefix_and_adapters(finetune, overrides):
     """Parameters, gradients and optimizer states estimated to the byte against a real step, and what autograd
     saves in one block within 5% (a block's, measured as gradient checkpointing's recompute: the loss head is not
     these methods' business). The config's LoRA targets are ignored by both methods, in the model and the estimate."""
-    from nanoft.memory import build, exact_bytes, saved_activation_bytes, train_step
-    from nanoft.memory_estimate import Run, activation_bytes
-    from nanoft.memory_peak import peak_bytes
-    from nanoft.model_shape import ModelShape
+    from nanoft.tools.memory.command import build, exact_bytes, saved_activation_bytes, train_step
+    from nanoft.tools.memory.estimate import Run, activation_bytes
+    from nanoft.tools.memory.peak import peak_bytes
+    from nanoft.tools.memory.shape import ModelShape
 
     cfg = dataclasses.replace(SMALL, finetune=finetune, n_head=4, n_embd=64, vocab_size=500, batch_size=3,
                               prefix_len=5, prefix_hidden=24, adapter_size=8, gradient_checkpointing=True, **overrides)
@@ -224,15 +225,17 @@ def test_memory_estimator_knows_prefix_and_adapters(finetune, overrides):
 def test_the_kv_cache_keeps_the_prefixes_in_front():
     """Generation's cache holds the sequence's keys and values; the prefixes go in front of them at every call,
     whether one new position or several follow the cache (then the widened mask is explicit)."""
-    from nanoft.model import KVCache
+    from nanoft.model.gpt import KVCache
 
     _, model, _ = model_for("prefix")
     model.eval()
     x = tokens(B=2, T=10)
     cache = [KVCache(SMALL.block_size) for _ in model.blocks]
-    model(x[:, :6], kv_cache=cache)
-    torch.testing.assert_close(model(x[:, 6:7], kv_cache=cache)[0], model(x[:, :7])[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model(x[:, 7:10], kv_cache=cache)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    model.next_token_logits(x[:, :6], cache)
+    torch.testing.assert_close(model.next_token_logits(x[:, 6:7], cache), model.next_token_logits(x[:, :7]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.next_token_logits(x[:, 7:10], cache), model.next_token_logits(x), rtol=1e-5,
+                               atol=1e-5)
     prompt = x[:1, :4]
     greedy = [torch.cat(list(model.generate(prompt, 8, temperature=0, use_cache=c)), dim=1) for c in (True, False)]
     assert torch.equal(greedy[0], greedy[1])

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoft import corpus, data, download, tokenizer
+from nanoft.data import corpus, tokens, download, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-REPO_CACHE = data.DATA_ROOT / ".cache"
+REPO_CACHE = tokens.DATA_ROOT / ".cache"
 DOCS = ["Once upon a time there was a cat.", "The cat sat on the mat.\nIt was happy.", "The end? Ünïcödé ✓"]
 CORPUS = ("\n<|endoftext|>\n".join(DOCS * 40) + "\n").encode()
 
@@ -33,7 +33,7 @@ def enc(monkeypatch):
 
 @pytest.fixture
 def root(tmp_path, monkeypatch, enc):
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.setattr(tokens, "DATA_ROOT", tmp_path / "data")
     return tmp_path / "data"
 
 
@@ -45,7 +45,7 @@ def cli_env(root: Path) -> dict:
 
 
 def decoded(enc, out: Path) -> str:
-    ids = np.concatenate([data.read_tokens(out / "train.bin"), data.read_tokens(out / "val.bin")])
+    ids = np.concatenate([tokens.read_tokens(out / "train.bin"), tokens.read_tokens(out / "val.bin")])
     return enc.decode(ids.tolist())
 
 
@@ -59,8 +59,8 @@ def test_prepare_text_files_roundtrip(tmp_path, root, enc):
     assert out == root / "mytext"
     assert decoded(enc, out) == "First note.\nTwo lines.<|endoftext|>Second note<|endoftext|>" \
                                 "third note, in the same file ✓<|endoftext|>"
-    n_val = len(data.read_tokens(out / "val.bin"))
-    assert n_val == round((n_val + len(data.read_tokens(out / "train.bin"))) * 0.2)
+    n_val = len(tokens.read_tokens(out / "val.bin"))
+    assert n_val == round((n_val + len(tokens.read_tokens(out / "train.bin"))) * 0.2)
     with pytest.raises(FileNotFoundError, match="no files match"):
         corpus.prepare_text_files(str(tmp_path / "nothing" / "*.txt"), "x")
 
@@ -99,7 +99,7 @@ def test_prepare_cli_bad_input_is_one_line_naming_the_file(tmp_path):
 def test_tokenize_text_file_streams_across_chunk_boundaries(tmp_path, enc, chunk_chars):
     (tmp_path / "s.txt").write_bytes(CORPUS)
     n = corpus.tokenize_text_file(tmp_path / "s.txt", tmp_path / "s.bin", chunk_chars=chunk_chars)
-    ids = data.read_tokens(tmp_path / "s.bin")
+    ids = tokens.read_tokens(tmp_path / "s.bin")
     assert n == len(ids) and enc.decode(ids.tolist()) == "".join(d + "<|endoftext|>" for d in DOCS * 40)
 
 
@@ -206,13 +206,13 @@ def test_http_server_ignoring_range_restarts_cleanly(tmp_path, serve):
 
 def test_http_checksum_mismatch_is_clear_and_deletes_nothing_good(root, serve):
     server = serve(CORPUS)
-    data.write_tokens([1, 2, 3], root / "mini" / "train.bin")  # an earlier good preparation
+    tokens.write_tokens([1, 2, 3], root / "mini" / "train.bin")  # an earlier good preparation
     with pytest.raises(RuntimeError, match="sha256 mismatch") as err:
         corpus.prepare_url("mini", url=server.url, sha256="0" * 64)
     assert str(root / ".cache" / "mini" / "corpus.txt.bad") in str(err.value)
     assert (root / ".cache" / "mini" / "corpus.txt.bad").read_bytes() == CORPUS  # kept, not deleted
     assert not (root / ".cache" / "mini" / "corpus.txt").exists()
-    assert data.read_tokens(root / "mini" / "train.bin").tolist() == [1, 2, 3]
+    assert tokens.read_tokens(root / "mini" / "train.bin").tolist() == [1, 2, 3]
 
 
 def test_http_published_checksum_header_is_checked(root, serve):

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanoft.progress import PlainProgress, progress
+from nanoft.run.progress import PlainProgress, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\)( \| .+)? \| [\d.]+ steps/s \| elapsed [\d:]+( \| ETA [\d:]+)?$")
 
 LOOP = """
 import sys, time
-from nanoft.progress import progress
+from nanoft.run.progress import progress
 start = time.monotonic()
 bar = progress(range(40), total=40, interval=0.25)
 for step in bar:

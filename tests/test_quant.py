@@ -1,4 +1,4 @@
-"""nanoft.quant: the NF4 tensor and the frozen Linear4bit, against bitsandbytes' Linear4bit on CPU."""
+"""nanoft.quant.nf4: the NF4 tensor and the frozen Linear4bit, against bitsandbytes' Linear4bit on CPU."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 import bitsandbytes as bnb
 from conftest import device_for
 from nanoft.kernels import dequantize_nf4, quantize_nf4
-from nanoft.quant import Linear4bit, NF4Tensor
+from nanoft.quant.nf4 import Linear4bit, NF4Tensor
 
 
 @pytest.fixture(autouse=True)

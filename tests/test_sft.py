@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoft import data, sft, sft_eval, tokenizer
+from nanoft.data import tokens, sft, tokenizer
+from nanoft.objectives import sft_eval
 from nanoft.config import Config
-from nanoft.model import GPT
-from nanoft.sft import SFTBatches, SFTExample, collate, fit_to_block, load_sft_jsonl, tokenize_examples
-from nanoft.tokenizer import EOT_ID
+from nanoft.model.gpt import GPT
+from nanoft.data.sft import SFTBatches, SFTExample, collate, fit_to_block, load_sft_jsonl, tokenize_examples
+from nanoft.data.tokenizer import EOT_ID
 
 PAIRS = [{"prompt": "Line: To be, or not to be\nSpeaker:", "response": " HAMLET"},
          {"prompt": "Q: 2+2?\nA:", "response": " 4, of course. <|endoftext|> is text here"},
@@ -25,7 +26,7 @@ PAIRS = [{"prompt": "Line: To be, or not to be\nSpeaker:", "response": " HAMLET"
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("NANOFT_OFFLINE", "1")  # get_tokenizer must not try the network in tests
-    cached = data.DATA_ROOT / ".cache" / "gpt2.tiktoken"
+    cached = tokens.DATA_ROOT / ".cache" / "gpt2.tiktoken"
     if not cached.exists():
         pytest.fail(f"{cached} is missing: run `python data/prepare.py shakespeare` once before the tests")
 
@@ -71,12 +72,12 @@ def test_model_loss_is_the_response_loss_and_padding_changes_nothing():
     model = GPT(cfg).eval()
     examples = tokenize_examples(PAIRS)
     x, y, mask = collate([fit_to_block(e, 64) for e in examples], 64)
-    _, loss = model(x, y, mask)
+    loss = model(x, y, mask)
     # each example alone, unpadded: the summed cross-entropy over its response tokens
     total, count = 0.0, 0
     for ex in examples:
         ids = torch.tensor([(list(ex.prompt_ids) or [EOT_ID]) + list(ex.response_ids)])
-        logits, _ = model(ids[:, :-1], ids[:, 1:], return_logits=True)
+        logits = model(ids[:, :-1])
         n = len(ex.response_ids)
         total += F.cross_entropy(logits[0, -n:], ids[0, -n:], reduction="sum").item()
         count += n
@@ -149,7 +150,7 @@ def test_embedded_speaker_task_and_its_score(tmp_path, monkeypatch):
             scores = []
             for cand in candidates:
                 ids = torch.tensor([list(ex.prompt_ids) + list(cand)])
-                logp = torch.log_softmax(model(ids[:, :-1], ids[:, 1:], return_logits=True)[0][0, -len(cand):], dim=-1)
+                logp = torch.log_softmax(model(ids[:, :-1])[0, -len(cand):], dim=-1)
                 scores.append(logp.gather(-1, ids[0, -len(cand):, None]).sum().item())
             correct += candidates[max(range(len(scores)), key=scores.__getitem__)] == ex.response_ids
     assert acc == pytest.approx(correct / len(subset))
@@ -160,7 +161,7 @@ def test_sft_batches_drive_the_model_in_train_py_shape():
     cfg = Config(n_layer=1, n_head=2, n_embd=32, block_size=32, device="cpu")
     model = GPT(cfg)
     x, y, mask = SFTBatches(examples, 2, cfg.block_size, seed=0).next()
-    _, loss = model(x, y, mask)
+    loss = model(x, y, mask)
     loss.backward()
     assert torch.isfinite(loss) and x.shape[1] <= cfg.block_size
 
@@ -182,7 +183,7 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
         for ex in examples:
             ids, out = list(ex.prompt_ids), []
             while len(out) < max(map(len, answers)) + 1 and (not out or out[-1] != EOT_ID):
-                logits = model(torch.tensor([ids]), torch.tensor([ids]), return_logits=True)[0]  # every position
+                logits = model(torch.tensor([ids]))  # every position
                 out.append(int(logits[0, -1].argmax()))
                 ids.append(out[-1])
             exact += tuple(out) == ex.response_ids
@@ -194,7 +195,7 @@ def test_score_answers_is_greedy_decoding_until_endoftext():
     x, y, mask = SFTBatches(train, 4, 64, seed=0).next()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):
-        loss = model(x, y, mask)[1]
+        loss = model(x, y, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

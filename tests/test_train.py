@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoft import checkpoint
+from nanoft.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",

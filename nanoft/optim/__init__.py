@@ -1,10 +1,12 @@
-"""Optimizers: the config's `optimizer` name -> a torch.optim.Optimizer over the model's trainable parameters.
+"""Optimizers: one table, OPTIMIZERS below, from the config's `optimizer` name to the class that implements it.
 
-    adamw            torch.optim.AdamW (fused on CUDA)                       8 bytes of state per parameter
-    adamw8bit        AdamW, states 8-bit block-wise (adamw8bit.py)          ~2.03 bytes
-    paged_adamw      AdamW, float32 states in host memory (paged.py)         8 bytes, on the device only for
-    paged_adamw8bit  AdamW8bit, states in host memory (paged.py)            ~2.03 bytes, tensors < 4096 elements
-    adafactor        Adafactor, factored second moment (adafactor.py)       n + m values for an n x m matrix
+Each class carries its own facts, which the rest of nanoft asks for instead of restating them:
+
+    from_config(groups, cfg)        the optimizer over these param groups, with the config's hyperparameters
+    tensor_state_bytes(shape, elem, cfg)   exact bytes of state it keeps for one trainable tensor (the memory estimator)
+    nominal_bytes_per_param         the same for a bare parameter count (None: it needs the shapes)
+    paged                           whether its states live in host memory
+    loss_tolerance                  how far `python -m nanoft check` lets its loss be from AdamW's
 
 Two param groups, as nanoGPT: weight decay on tensors of 2 or more dimensions (matmul weights, embeddings),
 none on biases and LayerNorm gains. The training loop sets `group["lr"]` of every group each step; Adafactor
@@ -14,15 +16,30 @@ from __future__ import annotations
 
 import torch
 
-from nanoft.config import CHOICES
+from nanoft.config import ConfigError
 from nanoft.optim.adafactor import Adafactor
+from nanoft.optim.adamw import AdamW
 from nanoft.optim.adamw8bit import AdamW8bit
 from nanoft.optim.paged import PagedAdamW, PagedAdamW8bit
+from nanoft.optim.schedule import warmup_cosine
 
-# the names make_optimizer builds: listed once, in the config's CHOICES (config.py stays torch-free to import)
-OPTIMIZERS = CHOICES["optimizer"]
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": AdamW,  # torch.optim.AdamW (fused on CUDA): 8 bytes of state per float32 parameter
+    "adamw8bit": AdamW8bit,  # AdamW, states 8-bit block-wise: ~2.03 bytes
+    "paged_adamw": PagedAdamW,  # AdamW, float32 states in host memory, paged to the device for each update
+    "paged_adamw8bit": PagedAdamW8bit,  # AdamW8bit, states in host memory
+    "adafactor": Adafactor,  # factored second moment: n + m values for an n x m matrix
+}
 
-__all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "Adafactor", "make_optimizer", "param_groups", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "Adafactor", "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit",
+           "make_optimizer", "optimizer_class", "param_groups", "warmup_cosine"]
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The table's class for `name`; an unknown name is a one-line ConfigError listing the valid ones."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"config key 'optimizer' must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    return OPTIMIZERS[name]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -35,24 +52,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer named by cfg.optimizer, with cfg's lr, betas, eps and weight decay (see the module doc)."""
-    name = cfg.optimizer
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    """The optimizer named by cfg.optimizer over the model's trainable parameters (see the module docstring)."""
+    cls = optimizer_class(cfg.optimizer)
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
-    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if name == "adamw":
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, **adam, fused=True if on_cuda else None)
-    if name == "adamw8bit":
-        return AdamW8bit(groups, **adam, min_8bit_size=cfg.min_8bit_size)
-    if name == "paged_adamw":
-        return PagedAdamW(groups, **adam, page_size=cfg.page_size)
-    if name == "paged_adamw8bit":
-        return PagedAdamW8bit(groups, **adam, min_8bit_size=cfg.min_8bit_size, page_size=cfg.page_size)
-    # adafactor: with relative steps lr must be None (transformers' documented Adafactor(lr=None, relative_step=True) setting); betas and eps are Adam's, not used
-    return Adafactor(groups, lr=None if cfg.adafactor_relative_step else cfg.lr,
-                     relative_step=cfg.adafactor_relative_step, scale_parameter=cfg.adafactor_scale_parameter,
-                     warmup_init=cfg.adafactor_warmup_init)
+    return cls.from_config(groups, cfg)

@@ -50,6 +50,30 @@ def _rms(x: Tensor, part: Part | None = None) -> Tensor:
 class Adafactor(torch.optim.Optimizer):
     """Adafactor with factored second moments for >=2-D tensors; a `torch.optim.Optimizer` with param groups."""
 
+    paged = False
+    nominal_bytes_per_param = None  # factored statistics need the matrices' shapes, not only a parameter count
+    loss_tolerance = 0.10  # nanoft.check: the factored second moment approximates AdamW's
+
+    @classmethod
+    def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        """With relative steps lr must be None (transformers' documented Adafactor(lr=None, relative_step=True));
+        no first moment (beta1 None), so Adam's betas and eps are not used."""
+        return cls(groups, lr=None if cfg.adafactor_relative_step else cfg.lr, relative_step=cfg.adafactor_relative_step,
+                   scale_parameter=cfg.adafactor_scale_parameter, warmup_init=cfg.adafactor_warmup_init)
+
+    @staticmethod
+    def scratch_bytes(biggest: int, page: int, device: str) -> int:
+        """Two float32 temporaries of the tensor being updated (the squared gradient, the update)."""
+        return 2 * 4 * biggest
+
+    @staticmethod
+    def tensor_state_bytes(shape: tuple[int, ...], elem: int, cfg) -> int:
+        """float32 row statistics (one per row) and column statistics (one per column) for a matrix; a full
+        float32 second moment for a vector."""
+        if len(shape) >= 2:
+            return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        return 4 * math.prod(shape)
+
     def __init__(
         self,
         params: Iterable,

@@ -31,6 +31,7 @@ State per parameter (plain tensors and ints, so the safetensors checkpoint can h
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -98,6 +99,29 @@ class AdamW8bit(torch.optim.Optimizer):
     `fused` picks the float32 update of the small tensors as torch.optim.AdamW's argument of that name does:
     None means fused on CUDA and foreach elsewhere (the bits of torch.optim.AdamW's default on the CPU).
     """
+
+    paged = False  # the states stay on the parameter's device
+    nominal_bytes_per_param = 2 + 8 / 256  # a code byte for m and for v, and a float32 absmax per 256 of each
+    loss_tolerance = 0.03  # nanoft.check: 8-bit states approximate AdamW's update
+
+    @classmethod
+    def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, min_8bit_size=cfg.min_8bit_size)
+
+    @staticmethod
+    def scratch_bytes(biggest: int, page: int, device: str) -> int:
+        """Temporaries during step(): none for the fused Triton update on CUDA; on a CPU about eight float32
+        copies of the tensor updated (read off the allocator trace of a 100M step)."""
+        return 0 if device == "cuda" else 33 * biggest
+
+    @staticmethod
+    def tensor_state_bytes(shape: tuple[int, ...], elem: int, cfg) -> int:
+        """Bytes of state for one trainable tensor: uint8 codes for m and v and a float32 absmax per block of
+        256 for each; float32 m and v below min_8bit_size elements."""
+        n = math.prod(shape)
+        if n < cfg.min_8bit_size:
+            return 2 * n * 4
+        return 2 * n + 2 * 4 * math.ceil(n / BLOCKSIZE)
 
     def __init__(
         self,

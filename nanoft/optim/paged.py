@@ -36,6 +36,8 @@ Under FSDP2 a rank's shard of a paged state stays in the arena and visits the de
 """
 from __future__ import annotations
 
+import math
+
 import weakref
 from collections.abc import Iterable
 
@@ -84,6 +86,17 @@ class PagedAdamW8bit(AdamW8bit):
     """AdamW8bit whose states live in host memory, but for tensors of fewer than `min_paged_size` elements."""
 
     page_multiple = BLOCKSIZE  # a page holds whole quantization blocks
+    paged = True  # the states live in host memory (memory estimates and measurements count them there)
+
+    @classmethod
+    def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, min_8bit_size=cfg.min_8bit_size,
+                   page_size=cfg.page_size)
+
+    @staticmethod
+    def scratch_bytes(biggest: int, page: int, device: str) -> int:
+        """About three pages of 8-bit states visit the GPU at once; on a CPU the reference's temporaries of a page."""
+        return 3 * 2 * page if device == "cuda" else 33 * page
 
     def __init__(
         self,
@@ -119,7 +132,7 @@ class PagedAdamW8bit(AdamW8bit):
         if not wanted:
             return out
         # widest dtype first: every offset is then a multiple of its tensor's element size, with no padding,
-        # so the arena is exactly the states' bytes (nanoft.memory counts it to the byte)
+        # so the arena is exactly the states' bytes (nanoft.tools.memory.command counts it to the byte)
         wanted.sort(key=lambda w: -w[3].itemsize)
         sizes = [torch.Size(shape).numel() * dtype.itemsize for _, _, shape, dtype in wanted]
         arena = torch.zeros(sum(sizes), dtype=torch.uint8, device=HOST)
@@ -238,6 +251,22 @@ class PagedAdamW(PagedAdamW8bit):
     (fused=True's on CUDA, the default's on the CPU)."""
 
     page_multiple = 1  # 32-bit states have no blocks: any page size works
+    nominal_bytes_per_param = 8.0  # float32 m and v
+    loss_tolerance = 1e-3  # nanoft.check: AdamW page by page, the same bits
+
+    @classmethod
+    def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, page_size=cfg.page_size)
+
+    @staticmethod
+    def tensor_state_bytes(shape: tuple[int, ...], elem: int, cfg) -> int:
+        """float32 exp_avg and exp_avg_sq; the step count is a Python int."""
+        return 2 * math.prod(shape) * 4
+
+    @staticmethod
+    def scratch_bytes(biggest: int, page: int, device: str) -> int:
+        """About three pages of float32 states visit the GPU at once; on a CPU two float32 copies of a page."""
+        return 3 * 8 * page if device == "cuda" else 2 * 4 * page
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Optimizer maths on FSDP2 shards that gives, gathered, exactly what one process computes on whole tensors.
 
-FSDP2 (`fully_shard`, see nanoft.distributed) hands the optimizer DTensors: every parameter is cut along its
+FSDP2 (`fully_shard`, see nanoft.run.distributed) hands the optimizer DTensors: every parameter is cut along its
 first dimension into world_size row ranges (torch.chunk's sizes: ceil(rows / world) each, the last ones shorter
 or empty), and each rank holds one range, its gradient and its optimizer states. In flat (row-major) order a
 rank's rows are one contiguous run of elements [offset, offset + numel) of the whole tensor.

@@ -1,0 +1,86 @@
+"""What a run learns: one table from the config's `finetune` name to its method.
+
+A method is an objective (the loss train.py minimises, nanoft/objectives/*.py), the data it reads, and which
+weights train. Every place that needs to know something about a method asks its entry here:
+
+    finetune   objective        data          weights that train
+    none       NextTokenLoss    tokens        full        pretraining
+    full       NextTokenLoss    sft           full        supervised fine-tuning, every weight
+    lora       NextTokenLoss    sft           lora        low-rank adapters beside a frozen base (nanoft/peft)
+    qlora      NextTokenLoss    sft           qlora       the same over an NF4 base
+    prefix     NextTokenLoss    sft           prefix      trained key/value prefixes
+    adapter    NextTokenLoss    sft           adapter     Houlsby bottleneck layers
+    dpo        DPO              preferences   choice      finetune_weights: full, lora or qlora
+    reward     RewardModel      preferences   full        a Bradley-Terry reward head
+    distill    Distillation     tokens        full        a frozen teacher's softmax
+
+data: "tokens" (token files, nanoft.data.tokens), "sft" (prompt/response pairs, nanoft.data.sft), "preferences"
+(prompt/chosen/rejected, nanoft.data.preferences).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanoft.config import Config, ConfigError
+from nanoft.objectives.base import NextTokenLoss, Objective
+from nanoft.objectives.distill import Distillation
+from nanoft.objectives.dpo import DPO
+from nanoft.objectives.reward import RewardModel
+
+WEIGHT_CHOICES = ("full", "lora", "qlora")  # what finetune_weights may name where a method lets it choose
+
+
+@dataclass(frozen=True)
+class Method:
+    objective: type[Objective]  # the loss: objective(cfg, model, device)(model, batch) -> a scalar
+    data: str  # what it reads: "tokens", "sft" or "preferences"
+    weights: str  # which weights train: "full", "lora", "qlora", "prefix", "adapter"; "choice": cfg.finetune_weights
+
+    def trains(self, cfg: Config) -> str:
+        """Which weights this run trains: "full", "lora", "qlora", "prefix" or "adapter"."""
+        return cfg.finetune_weights if self.weights == "choice" else self.weights
+
+    def peft(self, cfg: Config) -> str:
+        """The parameter-efficient method installed in the model (nanoft.peft), or "" when every weight trains."""
+        return "" if self.trains(cfg) == "full" else self.trains(cfg)
+
+    @property
+    def one_process(self) -> bool:
+        """Objectives that run their own forward (model.hidden_states) bypass DDP's hooks: python train.py only."""
+        return self.objective is not NextTokenLoss
+
+    def shards(self, cfg: Config) -> bool:
+        """Whether FSDP2 can shard this run: the plain loss over full, LoRA or QLoRA weights (prefix tuning and
+        adapter layers train with DDP)."""
+        return not self.one_process and self.trains(cfg) in WEIGHT_CHOICES
+
+    def compile_measured(self, cfg: Config) -> bool:
+        """Whether "auto" compile's break-even was measured for this run's graph: the plain loss, every weight."""
+        return not self.one_process and self.trains(cfg) == "full"
+
+
+METHODS: dict[str, Method] = {
+    "none": Method(NextTokenLoss, "tokens", "full"),
+    "full": Method(NextTokenLoss, "sft", "full"),
+    "lora": Method(NextTokenLoss, "sft", "lora"),
+    "qlora": Method(NextTokenLoss, "sft", "qlora"),
+    "prefix": Method(NextTokenLoss, "sft", "prefix"),
+    "adapter": Method(NextTokenLoss, "sft", "adapter"),
+    "dpo": Method(DPO, "preferences", "choice"),
+    "reward": Method(RewardModel, "preferences", "full"),
+    "distill": Method(Distillation, "tokens", "full"),
+}
+
+
+def method_of(cfg: Config) -> Method:
+    """cfg's method, its keys checked against it; an unknown name or a key it cannot use is one ConfigError line."""
+    if cfg.finetune not in METHODS:
+        raise ConfigError(f"config key 'finetune' must be one of {', '.join(METHODS)}; got {cfg.finetune!r}")
+    method = METHODS[cfg.finetune]
+    if cfg.finetune_weights != "full" and method.weights != "choice":
+        raise ConfigError(f"config key 'finetune_weights' must be full unless finetune=dpo (reward and distill train "
+                          f"full weights); got {cfg.finetune_weights!r}")
+    if bool(cfg.teacher_from.strip()) != (method.objective is Distillation):
+        raise ConfigError(f"config key 'teacher_from' must be a checkpoint dir with finetune=distill, and empty "
+                          f"otherwise; got {cfg.teacher_from!r}")
+    return method

@@ -1,0 +1,32 @@
+"""torch.optim.AdamW, with the facts every entry of nanoft's optimizer table carries.
+
+The update is torch's own (fused on CUDA: one kernel for every tensor); the class only adds how it is built from a
+Config and what it keeps: exp_avg and exp_avg_sq at the parameter's dtype, plus a 0-dim float32 step. In float32
+that is the 8 bytes of the 16 bytes/parameter rule (4 weight + 4 gradient + 8 Adam states).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class AdamW(torch.optim.AdamW):
+    paged = False
+    nominal_bytes_per_param = 8.0
+    loss_tolerance = 0.0  # nanoft.check's yardstick: the others' losses are compared with this one's
+
+    @classmethod
+    def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if on_cuda else None)
+
+    @staticmethod
+    def scratch_bytes(biggest: int, page: int, device: str) -> int:
+        """Temporaries during step(): none for the fused CUDA kernel; on a CPU two float32 copies of the tensor
+        being updated (sqrt(v), then its bias correction)."""
+        return 0 if device == "cuda" else 2 * 4 * biggest
+
+    @staticmethod
+    def tensor_state_bytes(shape: tuple[int, ...], elem: int, cfg) -> int:
+        return 2 * math.prod(shape) * elem + 4
