@@ -20,6 +20,7 @@ from nanoft.config import ConfigError
 from nanoft.optim.adafactor import Adafactor
 from nanoft.optim.adamw import AdamW
 from nanoft.optim.adamw8bit import AdamW8bit
+from nanoft.optim.lion import Lion
 from nanoft.optim.paged import PagedAdamW, PagedAdamW8bit
 from nanoft.optim.schedule import warmup_cosine
 
@@ -29,6 +30,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "paged_adamw": PagedAdamW,  # AdamW, float32 states in host memory, paged to the device for each update
     "paged_adamw8bit": PagedAdamW8bit,  # AdamW8bit, states in host memory
     "adafactor": Adafactor,  # factored second moment: n + m values for an n x m matrix
+    "lion": Lion,  # the sign of an interpolated momentum (Chen et al. 2023): 4 bytes
 }
 
 __all__ = ["OPTIMIZERS", "Adafactor", "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit",
