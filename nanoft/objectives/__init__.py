@@ -26,6 +26,7 @@ from nanoft.objectives.base import NextTokenLoss, Objective
 from nanoft.objectives.distill import Distillation
 from nanoft.objectives.dpo import DPO
 from nanoft.objectives.reward import RewardModel
+from nanoft.peft.methods import PEFT
 
 WEIGHT_CHOICES = ("full", "lora", "qlora")  # what finetune_weights may name where a method lets it choose
 
@@ -40,9 +41,10 @@ class Method:
         """Which weights this run trains: "full", "lora", "qlora", "prefix" or "adapter"."""
         return cfg.finetune_weights if self.weights == "choice" else self.weights
 
-    def peft(self, cfg: Config) -> str:
-        """The parameter-efficient method installed in the model (nanoft.peft), or "" when every weight trains."""
-        return "" if self.trains(cfg) == "full" else self.trains(cfg)
+    def peft(self, cfg: Config) -> type | None:
+        """The parameter-efficient method this run installs (an entry of nanoft.peft.methods.PEFT), or None when
+        every weight trains."""
+        return PEFT.get(self.trains(cfg))
 
     @property
     def one_process(self) -> bool:
