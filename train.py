@@ -30,7 +30,7 @@ from nanoft.model import GPT
 from nanoft.objectives import METHODS, method_of
 from nanoft.objectives.sft_eval import task_report
 from nanoft.optim import OPTIMIZERS, make_optimizer, optimizer_class, warmup_cosine
-from nanoft.peft.methods import apply_method, load_trained, method_config, saved_tensors, trainable_summary
+from nanoft.peft.methods import trainable_summary
 from nanoft.run import checkpoint, distributed
 from nanoft.run.flops import flops_per_token, peak_flops
 from nanoft.run.loss_plot import refresh_plot
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         return
     cfg = load_config(argv[0], argv[1:])
     method, _ = method_of(cfg), optimizer_class(cfg.optimizer)  # the method's and optimizer's table entries
-    peft = method.peft(cfg)  # lora, qlora, prefix, adapter: the base frozen, a few tensors added; "": every weight
+    peft = method.peft(cfg)  # LoRA, QLoRA, prefix, adapters: the base frozen, a few tensors added; None: all train
     if cfg.fsdp and not method.shards(cfg):
         raise ValueError(f"fsdp=True supports finetune=none, full, lora or qlora, not {cfg.finetune}: "
                          "train it with DDP (fsdp=False)")
@@ -87,14 +87,14 @@ def main(argv: list[str]) -> None:
     # ---- model: base weights, then adapters, then the run's own weights when resuming ----
     model = GPT(cfg) if base_from == "scratch" else load_pretrained(cfg, base_from)
     if peft:
-        model = apply_method(model, cfg, device)  # QLoRA quantizes each layer on the device
+        model = peft.apply(model, cfg, device)  # QLoRA quantizes each layer on the device
         if dist.is_master:
             print(trainable_summary(model))
     # the loss: next-token cross-entropy, or a method's own (its frozen reference, reward head or teacher made here)
     objective = method.objective(cfg, model, device)
     if resume:
         if peft:
-            load_trained(model, cfg, resume.model, resume.train_only)
+            peft.load(model, resume.model, resume.train_only)
         else:
             checkpoint.load_weights(model, resume.model, cfg.out_dir)
     model = distributed.place(model, dist, device, dtype)  # to the device; fsdp: this rank's shard, gathered in dtype
@@ -125,14 +125,14 @@ def main(argv: list[str]) -> None:
             return
         train_only = {}  # prefix tuning: its MLP, which only a resumed run needs (the model runs on the folded prefixes)
         if peft:  # only what the method trained goes to disk, with its shape and its base
-            (weights, train_only), extra["adapter"] = saved_tensors(raw_model, cfg), method_config(cfg, base_from)
+            (weights, train_only), extra["adapter"] = peft.saved(raw_model), peft.config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
             data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng, train_only=train_only))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a") if dist.is_master else None
+    metrics = open(out_dir / "metrics.jsonl", "a") if dist.is_master else None  # noqa: SIM115 (closed after the loop)
     if cfg.wandb_log and dist.is_master:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=cfg.to_dict(), resume="allow")

@@ -31,11 +31,15 @@ import time
 import torch
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # after site-packages: never shadow HF `kernels`
-from nanoft.config import load_config  # noqa: E402
-from nanoft.kernels import NF4State, dequantize_nf4, quantize_nf4  # noqa: E402
-from nanoft.kernels import nf4 as nf4_module  # noqa: E402
-from nanoft.kernels import nf4_cpu  # noqa: E402
-from nanoft.model.gpt import GPT  # noqa: E402
+from nanoft.config import load_config
+from nanoft.kernels import (
+    NF4State,
+    dequantize_nf4,
+    nf4_cpu,
+    quantize_nf4,
+)
+from nanoft.kernels import nf4 as nf4_module
+from nanoft.model.gpt import GPT
 
 try:
     import bitsandbytes.functional as bnbF

@@ -31,8 +31,8 @@ import time
 import torch
 
 from nanoft.config import load_config
-from nanoft.run.flops import flops_per_token, peak_flops
 from nanoft.model.gpt import GPT
+from nanoft.run.flops import flops_per_token, peak_flops
 
 VARIANTS = {  # name: (autocast dtype, full logits?)
     "float32 full logits (reference)": (torch.float32, True),

@@ -35,14 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from nanoft.run import checkpoint  # noqa: E402
-from nanoft.peft.lora_model import count_params  # noqa: E402
-from nanoft.config import Config, load_config, parse_overrides  # noqa: E402
-from nanoft.model import GPT  # noqa: E402
-from nanoft.interop.pretrained import load_pretrained  # noqa: E402
-from nanoft.peft.methods import apply_method, load_trained, peft_method  # noqa: E402
-from nanoft.data.sft import load_sft_splits  # noqa: E402
-from nanoft.objectives.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task  # noqa: E402
+from nanoft.config import Config, load_config, parse_overrides
+from nanoft.data.sft import load_sft_splits
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.model import GPT
+from nanoft.objectives import method_of
+from nanoft.objectives.sft_eval import SCORED_EXAMPLES, majority_baseline, score_answers, score_speaker_task
+from nanoft.peft.lora_model import count_params
+from nanoft.run import checkpoint
 
 KINDS = ("full", "lora", "qlora", "prefix", "adapter")
 
@@ -75,9 +75,10 @@ def load_run(out_dir: str) -> tuple[torch.nn.Module, Config, checkpoint.Checkpoi
     """The fine-tuned model of a run, as sample.py would load it (adapters applied to their base)."""
     ck = checkpoint.load(out_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), dropout=0.0, lora_dropout=0.0)
-    if peft_method(cfg):
-        model = apply_method(load_pretrained(cfg, ck.base_from), cfg, for_training=False)
-        load_trained(model, cfg, ck.model, {})
+    peft = method_of(cfg).peft(cfg)
+    if peft:
+        model = peft.apply(load_pretrained(cfg, ck.base_from), cfg, for_training=False)
+        peft.load(model, ck.model, {})
     else:
         model = GPT(cfg)
         checkpoint.load_weights(model, ck.model, out_dir)

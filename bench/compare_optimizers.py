@@ -58,7 +58,7 @@ def main() -> None:
             print("running:", " ".join(cmd[1:]), flush=True)
             shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no old metrics.jsonl lines or checkpoints
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            log = open(out_dir.parent / f"{name}.log", "w")
+            log = open(out_dir.parent / f"{name}.log", "w")  # noqa: SIM115 (the child writes it while it runs)
             running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                              time.time())
         time.sleep(2)

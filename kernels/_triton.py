@@ -22,7 +22,7 @@ except ImportError:  # only the names used when a kernel file is imported are pr
 
         __call__ = __getitem__
 
-    class triton:  # noqa: N801  (stands in for the module)
+    class triton:
         @staticmethod
         def jit(fn=None, **_):
             return _Unavailable(fn) if fn is not None else _Unavailable
@@ -31,7 +31,7 @@ except ImportError:  # only the names used when a kernel file is imported are pr
         def cdiv(a: int, b: int) -> int:
             return -(-a // b)
 
-    class tl:  # noqa: N801
+    class tl:
         constexpr = int
 
     AVAILABLE = False
@@ -46,4 +46,4 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return backend == "triton" or (backend == "auto" and device.type == "cuda" and AVAILABLE)
 
 
-__all__ = ["triton", "tl", "AVAILABLE", "use_triton"]
+__all__ = ["AVAILABLE", "tl", "triton", "use_triton"]

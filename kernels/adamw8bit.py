@@ -36,12 +36,19 @@ from __future__ import annotations
 import math
 
 import torch
-from ._triton import tl, triton, use_triton
 from torch import Tensor
 
 from . import adamw8bit_cpu
-from .blockwise8 import (LUT_SIZE, dequantize_blockwise8, dynamic_map_on, quantize_block, quantize_blockwise8,
-                         quantize_lut, store_rounded)
+from ._triton import tl, triton, use_triton
+from .blockwise8 import (
+    LUT_SIZE,
+    dequantize_blockwise8,
+    dynamic_map_on,
+    quantize_block,
+    quantize_blockwise8,
+    quantize_lut,
+    store_rounded,
+)
 
 BLOCKSIZE = 256  # values per quantization block, as bitsandbytes' blockwise optimizers
 

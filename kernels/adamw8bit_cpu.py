@@ -17,6 +17,7 @@ take a share of the blocks. Without a compiler, `load()` returns None and the ca
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,6 @@ def adamw8bit_update_cpu_(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tenso
     if not _POOL or _POOL[0]._max_workers < threads:
         _POOL[:] = [ThreadPoolExecutor(max_workers=threads, initializer=_one_mkl_thread)]
     bounds = [n_blocks * i // threads for i in range(threads + 1)]
-    jobs = [_POOL[0].submit(lib.adamw8bit_blocks, *args, n, a, b, *scalars) for a, b in zip(bounds, bounds[1:])]
+    jobs = [_POOL[0].submit(lib.adamw8bit_blocks, *args, n, a, b, *scalars) for a, b in itertools.pairwise(bounds)]
     for job in jobs:
         job.result()

@@ -38,8 +38,9 @@ bitsandbytes itself gives them no defined meaning; callers (optimizer states, ab
 Layout: `codes` is uint8 with the input's shape; `absmax` is float32 of shape [ceil(numel / blocksize)].
 """
 import torch
-from ._triton import tl, triton, use_triton
 from torch import Tensor
+
+from ._triton import tl, triton, use_triton
 
 LUT_SIZE = 65536  # grid points of the [-1, 1] -> code index lookup table (bitsandbytes' kLUTSize)
 DEQUANT_TILE = 1024  # elements per Triton program in dequantize (any power of two works)

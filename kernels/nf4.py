@@ -43,20 +43,19 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-from ._triton import tl, triton, use_triton
 from torch import Tensor
 
+from . import nf4_cpu
+from ._triton import tl, triton, use_triton
 from .blockwise8 import (
     FLOAT_DTYPES,
     check_blocksize,
-    dequantize_blockwise8,
     dequantize_blockwise8_reference,
     dynamic_map_on,
     padded_blocks,
     quantize_blockwise8,
     store_rounded,
 )
-from . import nf4_cpu
 
 NF4_VALUES = [  # bitsandbytes/functional.py get_4bit_type("nf4"): sorted, index 7 is exactly 0
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -96,7 +95,7 @@ class NF4State:
         return self.packed.device
 
     def to(self, device) -> "NF4State":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device)
         return replace(self, packed=move(self.packed), absmax=move(self.absmax), offset=move(self.offset),
                        nested_absmax=move(self.nested_absmax))
 
@@ -277,7 +276,7 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
 
 def _check_state(q: NF4State) -> None:
     if not isinstance(q, NF4State):
-        raise ValueError(f"expected an NF4State, got {type(q).__name__}")
+        raise TypeError(f"expected an NF4State, got {type(q).__name__}")
     check_blocksize(q.blocksize)
     n, num_blocks = q.numel, triton.cdiv(q.numel, q.blocksize)
     if q.packed.dtype != torch.uint8 or q.packed.numel() != triton.cdiv(n, 2):

@@ -33,8 +33,8 @@ into one range of blocks per torch thread (torch.get_num_threads()); ctypes rele
 """
 import ctypes
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 from torch import Tensor

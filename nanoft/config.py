@@ -160,7 +160,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Config":
+    def from_dict(d: dict) -> Config:
         """A Config from a checkpoint's JSON: lists back to tuples; unknown keys are an error."""
         for key in d:
             if key not in field_names():
@@ -227,7 +227,7 @@ def load_config(path: str, argv: list[str]) -> Config:
     except TypeError as e:  # Config(unknown=...) inside the file
         bad = str(e).split("'")[1] if "unexpected keyword argument '" in str(e) else ""
         raise (unknown_key_error(bad) if bad else ConfigError(f"{path}: {e}")) from None
-    except Exception as e:  # anything else the file's own code raised: name the line, not a traceback
+    except Exception as e:  # noqa: BLE001 (whatever the file's own code raised: name its line, not a traceback)
         lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
         raise ConfigError(f"{path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
     config = namespace.get("config")

@@ -1,10 +1,10 @@
 """8-bit blockwise dynamic quantization: Triton (interpreted on CPU, compiled on CUDA) == reference == bitsandbytes,
 bit for bit. bitsandbytes runs on the CPU; our kernels where their backend runs (conftest.device_for)."""
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
-
-import bitsandbytes.functional as bnbF
 from conftest import bnb_native_cpu, device_for
+
 from nanoft.kernels import dequantize_blockwise8, dynamic_map, quantize_blockwise8
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

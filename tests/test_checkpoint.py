@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from nanoft.run import checkpoint
-from nanoft.run.checkpoint import Checkpoint, CheckpointError
 from nanoft.config import Config
 from nanoft.model.gpt import GPT
+from nanoft.run import checkpoint
+from nanoft.run.checkpoint import Checkpoint, CheckpointError
 
 CFG = Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)
 

@@ -1,14 +1,13 @@
 """The chunked linear + cross-entropy (nanoft/model/chunked_loss.py) against the plain F.cross_entropy of the full
 logits: the loss and both gradients, in float32 and under bf16 autocast, with ignored positions, an all-ignored
 batch, a frozen head, and inside GPT, whose tied head gets its gradient through both of its uses."""
-import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoft.model.chunked_loss import linear_cross_entropy, reference_cross_entropy
 from nanoft.config import Config
+from nanoft.model.chunked_loss import linear_cross_entropy, reference_cross_entropy
 from nanoft.model.gpt import GPT
 
 N, C, V = 150, 32, 500

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from nanoft.config import Config, ConfigError, describe, load_config
 from nanoft.objectives import method_of
 from nanoft.optim import optimizer_class
-from nanoft.config import Config, ConfigError, describe, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoft.data import corpus, tokens, shakespeare, tokenizer
+from nanoft.data import corpus, shakespeare, tokenizer, tokens
 
 REPO_CACHE = tokens.DATA_ROOT / ".cache"
 

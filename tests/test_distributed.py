@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_ranks, torchrun
-from nanoft.run import checkpoint, distributed
+
 from nanoft.config import load_config
+from nanoft.data.sft import collate
 from nanoft.model.gpt import GPT
 from nanoft.objectives.base import NextTokenLoss
-from nanoft.data.sft import collate
+from nanoft.run import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2", "--eval_interval=3",
@@ -68,9 +68,9 @@ def assert_near(got: dict, want: dict) -> None:
     biases', are rounding noise), but a misplaced or missing shard would be off by O(1)."""
     assert got.keys() == want.keys()
     scale = max(v.abs().max().item() for v in want.values())
-    for k in want:
-        assert got[k].shape == want[k].shape, k
-        assert (got[k] - want[k]).abs().max().item() <= 1e-3 * scale, k
+    for k, w in want.items():
+        assert got[k].shape == w.shape, k
+        assert (got[k] - w).abs().max().item() <= 1e-3 * scale, k
 
 
 def resume_copy(src, dst, *extra: str, nproc: int = 1) -> dict:
@@ -195,8 +195,8 @@ def test_ddp_dropout_checkpoint_resumed_in_one_process_says_the_masks_differ(dro
     shutil.copytree(dropout_stopped, tmp_path / "one")
     r = train(tmp_path / "one", "--max_iters=4", "--init_from=resume", "--batch_size=8", "--dropout=0.2")
     lines = [line for line in r.stdout.splitlines() if line.startswith("resume: RNG states")]
-    assert lines == ["resume: RNG states saved by 2 process(es), resumed by 1: rank 0 continues rank 0's; "
-                     "dropout masks no longer match an uninterrupted run"]
+    assert lines == [("resume: RNG states saved by 2 process(es), resumed by 1: rank 0 continues rank 0's; "
+                      "dropout masks no longer match an uninterrupted run")]
     assert checkpoint.load(tmp_path / "one").rng.keys() == {"torch_cpu"}  # one process again: its own names
 
 

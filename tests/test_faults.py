@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import torchrun
-from nanoft.run import checkpoint
-from nanoft.run.checkpoint import Checkpoint, CheckpointError
+
 from nanoft.config import Config
 from nanoft.data.tokens import DATA_ROOT
-from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora
 from nanoft.model.gpt import GPT
+from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora
+from nanoft.run import checkpoint
+from nanoft.run.checkpoint import Checkpoint, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",

@@ -5,9 +5,9 @@ import json
 import torch
 
 from nanoft.config import Config
-from nanoft.run.flops import flops_per_token, peak_flops
-from nanoft.peft.lora_model import apply_lora
 from nanoft.model.gpt import GPT
+from nanoft.peft.lora_model import apply_lora
+from nanoft.run.flops import flops_per_token, peak_flops
 
 CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, device="cpu")
 

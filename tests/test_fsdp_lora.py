@@ -1,9 +1,9 @@
 """LoRA and QLoRA under FSDP2 (`fully_shard`, 2 gloo processes on loopback) against one process.
 
-A real GPT with real adapters (nanoft.peft.methods.apply_method), sharded by nanoft.run.distributed.place and trained
+A real GPT with real adapters (nanoft.peft.methods.LoRA.apply), sharded by nanoft.run.distributed.place and trained
 3 steps with the run's optimizer on the same global batch: the per-step losses equal one process's within float32
 tolerance (FSDP sums the two halves' gradients in another order), and the adapter tensors a checkpoint holds
-(peft_methods.saved_tensors on rank 0 after distributed.full_state_dict: what train.py's save does) equal one
+(LoRA.saved on rank 0 after distributed.full_state_dict: what train.py's save does) equal one
 process's. The adapters stay whole on every rank (their gradients averaged as DDP does); the frozen base shards.
 For QLoRA, each rank holds half of every NF4 weight's packed uint8 codes and of its block scales.
 """
@@ -12,15 +12,15 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import run_ranks
 from torch.distributed.tensor import DTensor
 
-from conftest import run_ranks
-from nanoft.run import distributed
 from nanoft.config import Config
 from nanoft.model.gpt import GPT
 from nanoft.optim import make_optimizer
-from nanoft.peft.methods import apply_method, saved_tensors
+from nanoft.peft.methods import LoRA
 from nanoft.quant.nf4 import Linear4bit
+from nanoft.run import distributed
 
 STEPS, ROWS = 3, 4  # 4 rows of global batch: 2 per rank
 CFG = Config(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=256, dropout=0.0, lora_dropout=0.0,
@@ -31,7 +31,7 @@ def train(finetune: str, rank: int = 0, world: int = 1) -> dict:
     cfg = dataclasses.replace(CFG, finetune=finetune)
     d = distributed.Dist(rank, rank, world, fsdp=world > 1)
     torch.manual_seed(0)  # every rank builds the same weights (and quantizes them the same way)
-    model = apply_method(GPT(cfg), cfg, "cpu")
+    model = LoRA.apply(GPT(cfg), cfg, "cpu")
     model = distributed.place(model, d, "cpu", torch.float32)
     optimizer = make_optimizer(cfg, model)
     tokens = torch.randint(0, cfg.vocab_size, (ROWS, cfg.block_size + 1), generator=torch.Generator().manual_seed(1))
@@ -53,7 +53,7 @@ def train(finetune: str, rank: int = 0, world: int = 1) -> dict:
         with counted_gathers() as shapes:
             weights_saved, optim = distributed.full_state_dict(model, optimizer, d, weights=weights)
         gathers[weights] = len(shapes)
-    adapters = saved_tensors(model, cfg)[0] if d.is_master else None  # as train.py saves: on rank 0 alone
+    adapters = LoRA.saved(model)[0] if d.is_master else None  # as train.py saves: on rank 0 alone
     return {"losses": losses, "adapters": adapters, "held": held, "gathers": gathers, "weights_saved": weights_saved,
             "optim": optim}
 

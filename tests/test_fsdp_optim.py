@@ -16,12 +16,12 @@ min_8bit_size between the whole weights' numel and their shards' (the whole tens
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_ranks
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from conftest import run_ranks
-from nanoft.run import distributed
 from nanoft.optim import Adafactor, AdamW8bit, PagedAdamW, PagedAdamW8bit, param_groups
+from nanoft.run import distributed
 
 STEPS = 3
 OPTIMIZERS = {

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft.run import checkpoint
 from nanoft.config import Config
 from nanoft.data.tokenizer import get_tokenizer
-from nanoft.peft.lora import LoRALinear
 from nanoft.model.gpt import GPT, KVCache
+from nanoft.peft.lora import LoRALinear
 from nanoft.peft.prefix import apply_prefix
 from nanoft.quant.nf4 import Linear4bit
+from nanoft.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)

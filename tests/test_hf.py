@@ -22,15 +22,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nanoft.data import tokens
-from nanoft.interop import hf
-from nanoft.run import checkpoint
-from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
 from nanoft.config import Config
+from nanoft.data import tokens
+from nanoft.data.sft import write_sft_jsonl
+from nanoft.interop import hf
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora, load_adapter_state_dict, lora_modules
+from nanoft.run import checkpoint
 from nanoft.tools.export import export, import_peft
 from nanoft.tools.export import main as export_main
-from nanoft.interop.pretrained import load_pretrained
-from nanoft.data.sft import write_sft_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)  # GPT-2's vocabulary: text round trips

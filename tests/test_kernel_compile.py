@@ -45,7 +45,7 @@ def variants():
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     per_blocksize = {32: list(dtypes), 64: list(dtypes), 128: ["bf16"], 256: list(dtypes), 512: ["fp32"],
                      1024: ["bf16"], 2048: ["fp16"], 4096: list(dtypes)}
-    x = lambda n, dt: torch.randn(n).to(dtypes[dt])  # noqa: E731
+    x = lambda n, dt: torch.randn(n).to(dtypes[dt])
 
     def adam(n, dt):
         p, g = x(n, dt), x(n, dt)
@@ -81,7 +81,6 @@ def variants():
 def collect_launches():
     """Run every variant with each kernel's launch intercepted; return (kernels, launches) where launches are
     (kernel, variant label, args, kwargs), deduplicated by what Triton would specialise on (sm_90 binder)."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature

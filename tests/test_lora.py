@@ -7,15 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from nanoft.run import checkpoint
 from nanoft.config import LORA_TARGETS, Config, load_config
-from nanoft.peft.lora_model import (adapter_config, adapter_state_dict, apply_lora, count_params, load_adapter_state_dict,
-                             lora_modules, merge_lora, trainable_summary)
-from nanoft.peft.lora import LoRALinear
 from nanoft.model.gpt import GPT
+from nanoft.peft.lora import LoRALinear
+from nanoft.peft.lora_model import (
+    adapter_config,
+    adapter_state_dict,
+    apply_lora,
+    count_params,
+    load_adapter_state_dict,
+    lora_modules,
+    merge_lora,
+    trainable_summary,
+)
+from nanoft.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, dropout=0.0, lora_dropout=0.0,

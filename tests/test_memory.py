@@ -10,13 +10,20 @@ import pytest
 import torch
 
 from nanoft.config import Config, ConfigError
-from nanoft.tools.memory.command import (MeasureError, build, cpu_peak_bytes, exact_bytes, main, saved_activation_bytes,
-                           train_step)
+from nanoft.model.gpt import GPT
+from nanoft.tools.memory.command import (
+    MeasureError,
+    build,
+    cpu_peak_bytes,
+    exact_bytes,
+    main,
+    saved_activation_bytes,
+    train_step,
+)
 from nanoft.tools.memory.estimate import Run, activation_bytes, nf4_bytes, static_bytes, trainable_and_frozen
 from nanoft.tools.memory.peak import peak_bytes, rule_16_bytes
-from nanoft.tools.memory.sharded import per_rank
 from nanoft.tools.memory.shape import GB, PRESETS, ModelShape
-from nanoft.model.gpt import GPT
+from nanoft.tools.memory.sharded import per_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 # small, but with tensors on both sides of min_8bit_size (4096) and blocks that do not divide evenly

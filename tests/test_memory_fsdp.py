@@ -3,16 +3,16 @@ parameters, gradients and AdamW states: half of what one process holds, since ev
 import dataclasses
 
 import torch
-
 from conftest import run_ranks
-from nanoft.run import distributed
+
 from nanoft.config import load_config
-from nanoft.tools.memory.estimate import Run
-from nanoft.run.memory_measure import exact_bytes, measured_breakdown
-from nanoft.tools.memory.peak import peak_bytes
-from nanoft.tools.memory.sharded import per_rank
-from nanoft.tools.memory.shape import ModelShape
 from nanoft.model.gpt import GPT
+from nanoft.run import distributed
+from nanoft.run.memory_measure import exact_bytes, measured_breakdown
+from nanoft.tools.memory.estimate import Run
+from nanoft.tools.memory.peak import peak_bytes
+from nanoft.tools.memory.shape import ModelShape
+from nanoft.tools.memory.sharded import per_rank
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu", "--dropout=0.0"]
 

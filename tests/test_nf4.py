@@ -14,15 +14,15 @@ calls here run with dynamo disabled (the same function, eager).
 """
 import math
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.functional import QuantState
 from conftest import bnb_native_cpu, device_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from nanoft.kernels import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES
 

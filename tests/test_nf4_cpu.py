@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import torch_threads
-from nanoft.kernels import dequantize_nf4, quantize_nf4
-from nanoft.kernels import nf4_cpu
+
+from nanoft.kernels import dequantize_nf4, nf4_cpu, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

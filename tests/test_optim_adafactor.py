@@ -15,7 +15,7 @@ def paper_adafactor(x0: torch.Tensor, grads: list[torch.Tensor], eps1=1e-30, eps
     R = torch.zeros(x.shape[0], dtype=torch.float64)
     C = torch.zeros(x.shape[-1], dtype=torch.float64)
     V = torch.zeros_like(x)
-    rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
+    rms = lambda t: t.pow(2).mean().sqrt()
     for t, g in enumerate(grads, start=1):
         g = g.double()
         rho = min(1e-2, 1 / math.sqrt(t))

@@ -9,21 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
+import train  # the repository's scripts: run here, in this process
+from nanoft.config import Config
+from nanoft.data.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
+from nanoft.data.sft import SFTExample, collate, fit_to_block
+from nanoft.model.gpt import GPT
+from nanoft.model.logprobs import sequence_logprobs
+from nanoft.objectives.dpo import DPO, FrozenReference, dpo_loss
+from nanoft.objectives.reward import RewardModel, bradley_terry_loss, rewards
+from nanoft.peft.lora_model import apply_lora
 from nanoft.run import checkpoint
 from nanoft.run.resume import check_resume
-from nanoft.peft.lora_model import apply_lora
-from nanoft.config import Config
-from nanoft.objectives.dpo import DPO, FrozenReference, dpo_loss
-from nanoft.model.logprobs import sequence_logprobs
 from nanoft.tools.memory.estimate import Run, static_bytes
-from nanoft.model.gpt import GPT
 from nanoft.tools.memory.shape import ModelShape
-from nanoft.data.preferences import PreferenceBatches, PreferencePair, load_preference_jsonl
-from nanoft.objectives.reward import RewardModel, bradley_terry_loss, rewards
-from nanoft.tools.reward import load_reward_model, main as reward_main
-from nanoft.data.sft import SFTExample, collate, fit_to_block
-
-import train  # the repository's scripts: run here, in this process
+from nanoft.tools.reward import load_reward_model
+from nanoft.tools.reward import main as reward_main
 from sample import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

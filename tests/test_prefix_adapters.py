@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.peft.houlsby import Adapter
-from nanoft.model.gpt import GPT, CausalSelfAttention
-from nanoft.interop.pretrained import load_pretrained
-from nanoft.peft.methods import apply_method, cannot_merge, load_trained, saved_tensors
-from nanoft.peft.prefix import PrefixEncoder, PrefixTable
 from nanoft.data.sft import write_sft_jsonl
+from nanoft.interop.pretrained import load_pretrained
+from nanoft.model.gpt import GPT, CausalSelfAttention
+from nanoft.peft.houlsby import Adapter
+from nanoft.peft.methods import PEFT, LoRA
+from nanoft.peft.prefix import PrefixEncoder, PrefixTable
+from nanoft.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, dropout=0.0, device="cpu", dtype="float32",
@@ -31,7 +31,7 @@ def model_for(finetune: str, seed: int = 0, **overrides) -> tuple[GPT, GPT, Conf
     base = GPT(cfg)
     adapted = GPT(cfg)
     adapted.load_state_dict(base.state_dict())
-    return base, apply_method(adapted, cfg), cfg
+    return base, PEFT[cfg.finetune].apply(adapted, cfg), cfg
 
 
 def tokens(seed: int = 0, B: int = 3, T: int = 12) -> torch.Tensor:
@@ -42,11 +42,11 @@ def attention_float64(attn: CausalSelfAttention, x: torch.Tensor, pk: torch.Tens
     """The paper's attention written out: keys and values [prefix; sequence]; query t may look at every
     prefix position and at sequence positions 0..t; softmax(q Kᵀ / √d) V per head; then the output projection."""
     x, pk, pv = x.double(), pk.double(), pv.double()
-    lin = lambda m, h: h @ m.weight.double().T + m.bias.double()  # noqa: E731
+    lin = lambda m, h: h @ m.weight.double().T + m.bias.double()
     B, T, C = x.shape
     P, nh = pk.shape[0], attn.n_head
     hs = C // nh
-    heads = lambda t: t.view(t.shape[0], -1, nh, hs).transpose(1, 2)  # (B, nh, len, hs)  # noqa: E731
+    heads = lambda t: t.view(t.shape[0], -1, nh, hs).transpose(1, 2)  # (B, nh, len, hs)
     q = heads(lin(attn.q_proj, x))
     k = torch.cat((heads(pk.expand(B, P, C)), heads(lin(attn.k_proj, x))), dim=2)
     v = torch.cat((heads(pv.expand(B, P, C)), heads(lin(attn.v_proj, x))), dim=2)
@@ -81,15 +81,15 @@ def test_folded_prefix_gives_the_same_logits_and_saves_only_the_keys_and_values(
     _, model, cfg = model_for("prefix")
     x = tokens()
     trained = model(x)
-    weights, train_only = saved_tensors(model, cfg)
+    weights, train_only = PEFT[cfg.finetune].saved(model)
     L, P, C = cfg.n_layer, cfg.prefix_len, cfg.n_embd
     assert {k: tuple(v.shape) for k, v in weights.items()} == {"prefix.key": (L, P, C), "prefix.value": (L, P, C)}
     assert set(train_only) == {"prefix.embedding", "prefix.hidden.weight", "prefix.hidden.bias",
                                "prefix.out.weight", "prefix.out.bias"}
     base, _, _ = model_for("prefix")  # the same base weights, then the folded table instead of the MLP
-    folded = apply_method(GPT(cfg), cfg, for_training=False)
+    folded = PEFT[cfg.finetune].apply(GPT(cfg), cfg, for_training=False)
     folded.load_state_dict(base.state_dict(), strict=False)
-    load_trained(folded, cfg, weights, {})
+    PEFT[cfg.finetune].load(folded, weights, {})
     assert isinstance(folded.prefix, PrefixTable) and torch.equal(folded(x), trained)
 
 
@@ -108,7 +108,7 @@ def test_adapters_start_equal_to_the_base_and_then_move():
 
 @pytest.mark.parametrize("finetune", ["prefix", "adapter"])
 def test_only_the_methods_parameters_train(finetune):
-    _, model, cfg = model_for(finetune)
+    _, model, _ = model_for(finetune)
     x = tokens()
     model(x, x).backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -133,14 +133,14 @@ def test_gradient_checkpointing_gives_the_same_prefix_gradients():
 
 def test_saved_tensors_are_checked_on_load_and_merging_is_refused_with_the_reason():
     _, model, cfg = model_for("adapter")
-    weights, _ = saved_tensors(model, cfg)
+    weights, _ = PEFT[cfg.finetune].saved(model)
     _, other, other_cfg = model_for("adapter", adapter_size=8)
     with pytest.raises(ValueError, match="adapter_size"):
-        load_trained(other, other_cfg, weights, {})
+        PEFT[other_cfg.finetune].load(other, weights, {})
     with pytest.raises(ValueError, match="missing"):
-        load_trained(other, other_cfg, {}, {})
-    assert "absorb" in cannot_merge("adapter") and "attention positions" in cannot_merge("prefix")
-    assert cannot_merge("lora") is None
+        PEFT[other_cfg.finetune].load(other, {}, {})
+    assert "absorb" in PEFT["adapter"].why_no_merge and "attention positions" in PEFT["prefix"].why_no_merge
+    assert LoRA.why_no_merge is None
     assert isinstance(model_for("prefix")[1].prefix, PrefixEncoder)
 
 
@@ -184,11 +184,11 @@ def test_train_save_resume_and_sample_round_trip(tmp_path, finetune, capsys, mon
     ck = checkpoint.load(tmp_path / "run")
     cfg = Config.from_dict(ck.config)
     assert ck.step == 4 and ck.extra["adapter"]["finetune"] == finetune and ck.extra["adapter"]["base_sha256"]
-    weights, train_only = saved_tensors(apply_method(GPT(cfg), cfg), cfg)
+    weights, train_only = PEFT[cfg.finetune].saved(PEFT[cfg.finetune].apply(GPT(cfg), cfg))
     assert set(ck.model) == set(weights) and set(ck.train_only) == set(train_only)  # only what the method trained
     loaded = sample.load_model(str(tmp_path / "run"))  # the base, the method applied for inference, its tensors
-    resumable = apply_method(load_pretrained(cfg, base), cfg)  # as a resumed run rebuilds it
-    load_trained(resumable, cfg, ck.model, ck.train_only)
+    resumable = PEFT[cfg.finetune].apply(load_pretrained(cfg, base), cfg)  # as a resumed run rebuilds it
+    PEFT[cfg.finetune].load(resumable, ck.model, ck.train_only)
     x = tokens(T=10)
     assert torch.equal(loaded(x), resumable(x))
     from nanoft.tools.merge import merge_checkpoint

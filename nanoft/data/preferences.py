@@ -26,9 +26,17 @@ import torch
 from torch import Tensor
 
 from nanoft.config import Config
+from nanoft.data.sft import (
+    SPLIT_SEED,
+    SFTBatches,
+    SFTExample,
+    collate,
+    fit_to_block,
+    read_jsonl,
+    split_examples,
+    tokenize_examples,
+)
 from nanoft.data.shakespeare import all_speaker_lines
-from nanoft.data.sft import (SPLIT_SEED, SFTBatches, SFTExample, collate, fit_to_block, read_jsonl, split_examples,
-                        tokenize_examples)
 from nanoft.data.tokenizer import get_tokenizer
 
 N_PAIRS = 3000  # pairs in the embedded set (90% train, 10% held out)

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from nanoft.config import Config
-from nanoft.data.tokens import draw_seed
 from nanoft.data.speaker_task import build_speaker_task, speaker_task_dir
 from nanoft.data.tokenizer import EOT_ID, get_tokenizer
+from nanoft.data.tokens import draw_seed
 
 SPLIT_SEED = 0  # fixed, not cfg.seed: every run (full, lora, qlora, any seed) is scored on the same val set
 VAL_FRACTION = 0.1

@@ -63,13 +63,13 @@ def get_tokenizer() -> tiktoken.Encoding:
     if not offline:
         try:
             return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken raises whatever its HTTP client raises when offline
+        except Exception as e:  # noqa: BLE001 (tiktoken raises whatever its HTTP client raises offline)
             errors.append(f"tiktoken.get_encoding('gpt2'): {type(e).__name__}")
     cached = tokens.cache_dir() / "gpt2.tiktoken"
     if not cached.exists() and not offline:
         try:
             _fetch_tokenizer_file(cached)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (a network or archive failure of any kind: the next source is tried)
             errors.append(f"pip download {WHISPER}: {e}")
     if cached.exists():
         return load_tokenizer_file(cached)

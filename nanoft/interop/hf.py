@@ -41,11 +41,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from nanoft.data import tokens
-from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.run.distributed import launched_rank
+from nanoft.data import tokens
 from nanoft.data.download import download, published_sha256
+from nanoft.run import checkpoint
+from nanoft.run.distributed import launched_rank
 
 ENDPOINT = "https://huggingface.co"  # NANOFT_HF_ENDPOINT replaces it
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

@@ -20,13 +20,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nanoft.model.chunked_loss import linear_cross_entropy
 from nanoft.config import Config
+from nanoft.model.chunked_loss import linear_cross_entropy
 
 
 def causal_mask(T_q: int, T_k: int, device: torch.device | str | None = None) -> Tensor:
@@ -170,7 +169,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """idx (B, T) token ids -> the final LayerNorm's output (B, T, n_embd), before the head: what DPO,
         the reward model and distillation turn into their own losses (see nanoft/model/logprobs.py)."""
-        B, T = idx.shape
+        T = idx.size(1)
         start = kv_cache[0].length if kv_cache is not None else 0  # the cache holds positions 0 .. start - 1
         if start + T > self.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.block_size}")

@@ -17,7 +17,7 @@ in the forward pass; that trick needs the loss to be the last thing applied, and
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -25,7 +25,18 @@ from nanoft.run.distributed import ranks, sum_across_ranks, token_share
 
 
 class Objective:
-    """The base: running sums of detached scalar scores, so logging costs no sync until it is read."""
+    """The base: running sums of detached scalar scores, so logging costs no sync until it is read.
+
+    Two facts each objective states for the memory estimator (nanoft/tools/memory):
+    frozen_model: the second model it keeps frozen beside the one it trains ("reference": a copy of the starting
+        model; "teacher": the teacher_from checkpoint); None for none.
+    head_shapes(n_embd): the trained heads it adds to the GPT, by parameter name."""
+
+    frozen_model: str | None = None
+
+    @staticmethod
+    def head_shapes(n_embd: int) -> dict[str, tuple[int, ...]]:
+        return {}
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanoft.run import checkpoint
 from nanoft.config import Config
-from nanoft.model.logprobs import chunked, head_logits
 from nanoft.model import GPT
-from nanoft.run.base_model import load_base_model
+from nanoft.model.logprobs import chunked, head_logits
 from nanoft.objectives.base import Objective, check_single_process
+from nanoft.run import checkpoint
+from nanoft.run.base_model import load_base_model
 
 
 def distill_loss(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
@@ -82,6 +82,8 @@ def load_teacher(cfg: Config, device: str | torch.device) -> GPT:
 
 class Distillation(Objective):
     """finetune="distill": the student (the model train.py trains) against a frozen teacher, on token batches."""
+
+    frozen_model = "teacher"
 
     def __init__(self, cfg: Config, model: nn.Module, device: str | torch.device):
         super().__init__()

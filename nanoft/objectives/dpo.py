@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanoft.config import Config
-from nanoft.peft.lora import LoRALinear
+from nanoft.data.preferences import PreferencePair, fitting, pair_rows
 from nanoft.model.logprobs import sequence_logprobs
 from nanoft.objectives.base import Objective, check_single_process
-from nanoft.data.preferences import PreferencePair, fitting, pair_rows
+from nanoft.peft.lora import LoRALinear
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -96,6 +96,8 @@ class FrozenReference:
 
 class DPO(Objective):
     """finetune="dpo": the DPO loss on preference batches (nanoft/data/preferences.py: B chosen rows, B rejected)."""
+
+    frozen_model = "reference"  # full weights: a frozen copy of the start; LoRA: the same model, adapters off
 
     def __init__(self, cfg: Config, model: nn.Module, device: str | torch.device):
         super().__init__()

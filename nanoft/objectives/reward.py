@@ -24,20 +24,14 @@ prints a trained model's reward.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanoft.run import checkpoint
 from nanoft.config import Config
+from nanoft.data.preferences import PreferencePair, fitting, pair_rows
 from nanoft.model.gpt import GPT
 from nanoft.objectives.base import Objective, check_single_process
-from nanoft.data.preferences import PreferencePair, fitting, pair_rows
-from nanoft.data.sft import collate, fit_to_block, tokenize_examples
 
 
 def add_reward_head(model: GPT) -> GPT:
@@ -64,6 +58,10 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
 
 class RewardModel(Objective):
     """finetune="reward": the Bradley-Terry loss on preference batches (B chosen rows, then B rejected)."""
+
+    @staticmethod
+    def head_shapes(n_embd: int) -> dict[str, tuple[int, ...]]:
+        return {"reward_head.weight": (1, n_embd), "reward_head.bias": (1,)}  # add_reward_head's nn.Linear(C, 1)
 
     def __init__(self, cfg: Config, model: GPT, device: str | torch.device):
         super().__init__()

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
-
 from torch.distributed.tensor import DTensor
 
 from nanoft.optim.sharded import Part, gather_states, global_sum, local_state, part_of

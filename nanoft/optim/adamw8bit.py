@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
-
 from torch.distributed.tensor import DTensor
 
 from nanoft.kernels.adamw8bit import BLOCKSIZE, adamw8bit_update_

@@ -37,7 +37,6 @@ Under FSDP2 a rank's shard of a paged state stays in the arena and visits the de
 from __future__ import annotations
 
 import math
-
 import weakref
 from collections.abc import Iterable
 
@@ -242,7 +241,7 @@ class PagedAdamW8bit(AdamW8bit):
         # the arena may be freed with us: no copy into it may still be in flight
         try:
             self.synchronize()
-        except Exception:  # interpreter shutdown: CUDA may be gone already
+        except Exception:  # noqa: BLE001, S110 (interpreter shutdown: CUDA may be gone already)
             pass
 
 

@@ -28,9 +28,8 @@ be merged; sample.py applies it to its base.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from nanoft.config import Config
 

@@ -16,14 +16,13 @@ W = W0 + (alpha / r) B A, and leaves a plain float GPT.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from nanoft.config import LORA_TARGETS, Config
 from nanoft.peft.lora import LoRALinear, float_weight, plain_linear
-from nanoft.run.precision import frozen_dtype, pick_device
 from nanoft.quant.nf4 import Linear4bit
 from nanoft.run.adapter_base import base_identity
+from nanoft.run.precision import frozen_dtype, pick_device
 
 # the linear layers of one GPT block, by the attribute path inside the block
 BLOCK_LINEARS = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj",

@@ -35,9 +35,8 @@ base; sample.py applies them to it.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from nanoft.config import Config
 

@@ -31,9 +31,8 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from nanoft.kernels import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
 from nanoft.kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES
@@ -237,7 +236,7 @@ class Linear4bit(nn.Module):
 def _empty_state(shape, blocksize: int, double_quant: bool, device) -> NF4State:
     n = math.prod(shape)
     num_blocks = -(-n // blocksize)
-    zeros = lambda count, dtype: torch.zeros(count, dtype=dtype, device=device)  # noqa: E731
+    zeros = lambda count, dtype: torch.zeros(count, dtype=dtype, device=device)
     if not double_quant:
         return NF4State(zeros(-(-n // 2), torch.uint8), zeros(num_blocks, torch.float32), torch.Size(shape),
                         torch.float32, blocksize)

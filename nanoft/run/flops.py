@@ -23,7 +23,7 @@ import platform
 import time
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from nanoft.data import tokens
 

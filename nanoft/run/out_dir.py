@@ -25,7 +25,7 @@ def lock_dir(path: str | Path, what: str):
     open; another process gets a one-line CheckpointError naming the holder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    f = open(path / LOCK_NAME, "a+")  # not "w": truncating would erase the holder's line before we know we own it
+    f = open(path / LOCK_NAME, "a+")  # noqa: SIM115 (held open: the lock lives as long as it). Not "w": truncating would erase the holder's line before we know we own it
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

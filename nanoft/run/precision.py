@@ -31,7 +31,7 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from nanoft.config import Config
 from nanoft.run.flops import flops_per_token

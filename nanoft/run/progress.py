@@ -20,10 +20,11 @@ its first step).
 """
 from __future__ import annotations
 
-import sys
 import math
+import sys
 import time
-from typing import Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from tqdm import tqdm
 

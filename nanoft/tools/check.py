@@ -34,13 +34,13 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from nanoft.config import load_config  # noqa: E402
-from nanoft.optim import OPTIMIZERS  # noqa: E402
-from nanoft.kernels import dequantize_blockwise8, dequantize_nf4, dynamic_map, quantize_blockwise8, quantize_nf4  # noqa: E402
-from nanoft.kernels.adamw8bit import adamw8bit_update_  # noqa: E402
-from nanoft.tools.memory.estimate import Run  # noqa: E402
-from nanoft.tools.memory.peak import peak_bytes  # noqa: E402
-from nanoft.tools.memory.shape import ModelShape  # noqa: E402
+from nanoft.config import load_config
+from nanoft.kernels import dequantize_blockwise8, dequantize_nf4, dynamic_map, quantize_blockwise8, quantize_nf4
+from nanoft.kernels.adamw8bit import adamw8bit_update_
+from nanoft.optim import OPTIMIZERS
+from nanoft.tools.memory.estimate import Run
+from nanoft.tools.memory.peak import peak_bytes
+from nanoft.tools.memory.shape import ModelShape
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if CUDA else "cpu"

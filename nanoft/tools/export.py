@@ -46,15 +46,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from nanoft.interop import hf
-from nanoft.run import checkpoint
-from nanoft.peft.lora_model import BLOCK_LINEARS, adapter_config
-from nanoft.run.checkpoint import CheckpointError
 from nanoft.config import LORA_TARGETS, Config
-from nanoft.model import GPT
+from nanoft.interop import hf
 from nanoft.interop.pretrained import load_pretrained
+from nanoft.model import GPT
+from nanoft.peft.lora_model import BLOCK_LINEARS, adapter_config
 from nanoft.quant.nf4 import NF4Tensor
+from nanoft.run import checkpoint
 from nanoft.run.adapter_base import check_adapter_base
+from nanoft.run.checkpoint import CheckpointError
 from nanoft.run.out_dir import check_output_dir
 
 QKV = ("q_proj", "k_proj", "v_proj")  # the order of their rows in c_attn

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
-from nanoft.run import checkpoint
-from nanoft.peft.lora_model import adapter_config, apply_lora, load_adapter_state_dict, merge_lora
-from nanoft.run.checkpoint import CheckpointError
 from nanoft.config import Config
 from nanoft.interop.pretrained import load_pretrained
-from nanoft.peft.methods import cannot_merge
+from nanoft.objectives import method_of
+from nanoft.peft.lora_model import adapter_config, apply_lora, load_adapter_state_dict, merge_lora
+from nanoft.peft.methods import LoRA
+from nanoft.run import checkpoint
 from nanoft.run.adapter_base import check_adapter_base
+from nanoft.run.checkpoint import CheckpointError
 from nanoft.run.out_dir import check_output_dir, lock_dir
+
 
 def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, overwrite: bool = False) -> Path:
     """Read a LoRA/QLoRA run's checkpoint (adapter weights + config), rebuild its base, merge, and save
@@ -30,9 +32,10 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     was trained with (adding it to the original float base would differ by the quantization error)."""
     ck = checkpoint.load(adapter_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
-    if cannot_merge(cfg.finetune):
-        raise ValueError(f"{adapter_dir} holds a {cfg.finetune} run, which cannot be merged: {cannot_merge(cfg.finetune)}")
-    if not cfg.lora_kind:
+    peft = method_of(cfg).peft(cfg)
+    if peft and peft.why_no_merge:
+        raise ValueError(f"{adapter_dir} holds a {cfg.finetune} run, which cannot be merged: {peft.why_no_merge}")
+    if peft is not LoRA:
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
     base = base or ck.base_from
     check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read

@@ -38,14 +38,14 @@ import torch
 from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
+from nanoft.model.gpt import GPT
+from nanoft.objectives import method_of
+from nanoft.optim import OPTIMIZERS, make_optimizer
+from nanoft.run.memory_measure import exact_bytes, fmt, nf4_tensors
 from nanoft.tools.memory.estimate import Run
 from nanoft.tools.memory.peak import peak_bytes
 from nanoft.tools.memory.shape import GB, PRESETS, ModelShape
 from nanoft.tools.memory.sharded import per_rank
-from nanoft.run.memory_measure import nf4_tensors, exact_bytes, fmt
-from nanoft.model.gpt import GPT
-from nanoft.optim import OPTIMIZERS, make_optimizer
-from nanoft.peft.methods import apply_method
 
 MODES = ("full", "lora", "qlora", "prefix", "adapter")
 # flags of this command that are not Config keys; every other --key=value must be a Config key
@@ -62,7 +62,8 @@ class MeasureError(RuntimeError):
 def build(cfg: Config, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer exactly as train.py builds them (random weights: memory does not care)."""
     torch.manual_seed(cfg.seed)
-    model = apply_method(GPT(cfg), cfg, device).to(device)  # LoRA, QLoRA, prefix or adapters; full / none unchanged
+    peft = method_of(cfg).peft(cfg)  # LoRA, QLoRA, prefix or adapters; None when every weight trains
+    model = (peft.apply(GPT(cfg), cfg, device) if peft else GPT(cfg)).to(device)
     return model, make_optimizer(cfg, model)
 
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanoft.config import Config
+from nanoft.objectives import method_of
 from nanoft.optim import optimizer_class
-from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
 from nanoft.run.precision import frozen_dtype, pick_dtype
-
+from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
 
@@ -49,14 +49,12 @@ class Run:
         if dtype == "auto":  # train.py's own rule (nanoft.run.precision); a GPU that is not here is taken to have bf16
             gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
             dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device, cfg.n_embd)).removeprefix("torch.")
-        pairs = cfg.finetune in ("dpo", "reward")  # a batch of B preference pairs is 2B rows (chosen, rejected)
+        pairs = method_of(cfg).data == "preferences"  # a batch of B preference pairs is 2B rows (chosen, rejected)
         return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
 
     @property
-    def mode(self) -> str:  # pretraining and full fine-tuning train the same tensors (so do reward and distill)
-        if self.cfg.finetune in ("dpo", "reward", "distill"):
-            return self.cfg.lora_kind or "full"  # DPO may train LoRA/QLoRA adapters
-        return "full" if self.cfg.finetune in ("none", "full") else self.cfg.finetune
+    def mode(self) -> str:  # which weights train: "full", "lora", "qlora", "prefix" or "adapter" (the method table)
+        return method_of(self.cfg).trains(self.cfg)
 
     @property
     def norms_trainable(self) -> bool:  # full fine-tuning and adapters train them; LoRA/QLoRA with lora_train_norms
@@ -117,8 +115,9 @@ def method_specs(shape: ModelShape, run: Run) -> list[ParamSpec]:
     """What prefix tuning trains (nanoft.peft.prefix.PrefixEncoder: the embedding and the MLP that make every layer's
     prefixes) or the adapters (nanoft.peft.houlsby: two bottlenecks a block); float32, like LoRA's."""
     cfg, C, L = run.cfg, shape.n_embd, shape.n_layer
-    if cfg.finetune == "reward":  # nanoft.objectives.reward's scalar head on the last response token
-        return [ParamSpec("reward_head.weight", (1, C)), ParamSpec("reward_head.bias", (1,))]
+    heads = [ParamSpec(name, shape) for name, shape in method_of(cfg).objective.head_shapes(C).items()]
+    if heads:  # the objective's own trained head (the reward model's scalar head)
+        return heads
     if run.mode == "prefix":
         P, H = cfg.prefix_len, cfg.prefix_hidden
         return [ParamSpec("prefix.embedding", (P, C)), ParamSpec("prefix.hidden.weight", (H, C)),
@@ -191,7 +190,7 @@ class _Saved:
         return (key + ".out", fan_out, s, rg or w_trainable)
 
     def dropout(self, key: str, x: tuple, p: float) -> tuple:
-        name, width, elem, rg = x
+        _, width, elem, rg = x
         if p <= 0:
             return x
         if rg:

@@ -10,7 +10,6 @@ from nanoft.optim import optimizer_class
 from nanoft.tools.memory.estimate import Run, activation_bytes, static_bytes, trainable_and_frozen
 from nanoft.tools.memory.shape import ModelShape, ParamSpec
 
-
 # --- the peak: the moment in a step when the most is alive --------------------------------------------
 
 def scratch_bytes(trainable: list[tuple[ParamSpec, int]], run: Run) -> int:

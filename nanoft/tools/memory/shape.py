@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoft.config import Config
+from nanoft.objectives import method_of
 
 GB, MiB, GiB = 10**9, 2**20, 2**30  # the rule's GB is decimal; the tables use binary MiB/GiB
 
@@ -59,9 +60,10 @@ def frozen_model_shape(cfg: Config, shape: ModelShape) -> ModelShape | None:
     """The second, frozen model a run keeps beside the one it trains (float32 weights, used under no_grad): DPO
     with full weights keeps its starting model as the reference (with LoRA the reference is the same model with
     its adapters off: none); distillation keeps its teacher, in the shape its checkpoint's ckpt.json records."""
-    if cfg.finetune == "dpo" and not cfg.lora_kind:
-        return shape
-    if cfg.finetune != "distill":
+    frozen = method_of(cfg).objective.frozen_model
+    if frozen == "reference":
+        return None if cfg.lora_kind else shape
+    if frozen != "teacher":
         return None
     meta = Path(cfg.teacher_from) / "ckpt.json"
     if not meta.is_file():
