@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6",
-                 "transformers==5.17.*", "peft==0.21.*",  # references for tests/test_hf.py; nanoft never imports them
+                 "transformers==5.17.*", "peft==0.21.*",  # references for tests/interop/test_hf.py; nanoft never imports them
                  "ruff==0.17.6"],  # the linter CI runs (ruff.toml)
         "plot": ["matplotlib>=3.6"],  # python -m nanoft plot, and out_dir/loss.png at each evaluation
     },

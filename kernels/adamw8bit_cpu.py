@@ -9,7 +9,7 @@ else", which bit-exactness with torch's eager CPU ops (and so with bitsandbytes)
 
 Every operation is the reference's, in float32, in the reference's order: the two fmaf calls are the two places
 where torch's CPU kernels fuse (add_ with alpha, addcmul_), and the file is compiled with -ffp-contract=off so
-the compiler fuses nothing else. tests/test_optim_adamw8bit.py holds it to the reference bit for bit.
+the compiler fuses nothing else. tests/optim/test_adamw8bit.py holds it to the reference bit for bit.
 
 The library is built once per machine with the system C compiler (kernels/_cc.py) and loaded with ctypes; ctypes releases the GIL, so torch.get_num_threads() Python threads each
 take a share of the blocks. Without a compiler, `load()` returns None and the caller uses the reference.

@@ -264,7 +264,7 @@ def padded_blocks(x: Tensor, blocksize: int) -> tuple[Tensor, int]:
 def quantize_blockwise8_reference(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """Each element's code is the nearest code value to x / absmax of its block. "Nearest" is taken the way
     bitsandbytes' CPU kernel takes it (module docstring): x * (1 / absmax), snapped to the 65,536-point grid,
-    read from the lookup table. tests/test_blockwise8.py checks this against the plain argmin over the codes."""
+    read from the lookup table. tests/kernels/test_blockwise8.py checks this against the plain argmin over the codes."""
     blocks, n = padded_blocks(x, blocksize)  # (num_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
     return quantize_blocks(blocks, absmax, code).reshape(-1)[:n].view(x.shape), absmax

@@ -8,7 +8,7 @@ QLoRA (Dettmers et al. 2023, arXiv:2305.14314) stores a frozen base weight in 4 
 
 NF4 is 16 fixed values in [-1, 1], exact zero at index 7: quantiles of N(0, 1) at evenly spaced probabilities,
 divided by the largest (QLoRA section 3). They are stored as bitsandbytes' `get_4bit_type("nf4")` has them;
-tests/test_nf4.py derives them from the quantile construction and checks the table bit for bit.
+tests/kernels/test_nf4_kernels.py derives them from the quantile construction and checks the table bit for bit.
 
 Format (identical to `bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4")` on CPU)
 ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """NF4 quantize and dequantize on the CPU: kernels/nf4.py's reference, as a small C kernel.
 
-Same inputs, same bytes out: tests/test_nf4.py and tests/test_nf4_cpu.py hold it to the reference and to
+Same inputs, same bytes out: tests/kernels/test_nf4_kernels.py and tests/kernels/test_nf4_cpu.py hold it to the reference and to
 bitsandbytes. Why C: the reference is several whole-tensor PyTorch ops (a gather, a multiply, a cast, each
 through fresh memory), and the PyTorch reformulations we measured stayed 2-5x behind bitsandbytes' C++ kernel
 (chunked through cache-sized buffers: still ~0.6 ns of dispatch and gather per element, against ~0.1), while

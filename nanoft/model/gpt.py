@@ -37,7 +37,7 @@ def causal_mask(T_q: int, T_k: int, device: torch.device | str | None = None) ->
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """What F.scaled_dot_product_attention computes, written out: q (B, nh, T_q, hs), k and v (B, nh, T_k, hs)
     -> (B, nh, T_q, hs). Slower, and it holds the (T_q, T_k) scores in memory; the numbers agree with SDPA's
-    to float rounding (tests/test_model.py)."""
+    to float rounding (tests/model/test_gpt.py)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T_q, T_k): each query against each key
     scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))  # exp(-inf) = 0
     weights = F.dropout(F.softmax(scores, dim=-1), p=dropout_p)  # each row a distribution over the visible keys
@@ -212,7 +212,7 @@ class GPT(nn.Module):
         of one position, while the sequence fits in block_size. After that the window slides and every token in
         it moves to a new position; with learned position embeddings all its keys and values change, so
         each token recomputes its whole window, as use_cache=False does for every token. Both give the same
-        tokens (greedy: identical; the logits differ by float rounding, tests/test_generate.py).
+        tokens (greedy: identical; the logits differ by float rounding, tests/model/test_generate.py).
         """
         cache = None
         for _ in range(max_new_tokens):

@@ -57,7 +57,7 @@ def adamw_32bit_(
     fused=True is torch.optim.AdamW(fused=True): the same `torch._fused_adamw_` call with the same scalars.
     fused=False is torch.optim.AdamW(foreach=True)'s non-capturable path op for op; on the CPU the foreach
     ops loop over the single-tensor kernels, which makes it bit-identical to torch.optim.AdamW's CPU default
-    (tests/test_optim_adamw8bit.py checks both). Elementwise throughout, so applying it to consecutive
+    (tests/optim/test_adamw8bit.py checks both). Elementwise throughout, so applying it to consecutive
     slices of a tensor (the paged optimizers) gives the same bits as applying it to the whole tensor.
     Parameters that are not float32 are updated through float32 copies (the states are float32).
     """

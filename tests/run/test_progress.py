@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from nanoft.run.progress import PlainProgress, progress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\)( \| .+)? \| [\d.]+ steps/s \| elapsed [\d:]+( \| ETA [\d:]+)?$")
 
 LOOP = """

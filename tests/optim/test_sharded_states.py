@@ -16,7 +16,7 @@ min_8bit_size between the whole weights' numel and their shards' (the whole tens
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_ranks
+from helpers import run_ranks
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_ranks, torchrun
+from helpers import run_ranks, torchrun
 
 from nanoft.config import load_config
 from nanoft.data.sft import collate
@@ -25,7 +25,7 @@ from nanoft.model.gpt import GPT
 from nanoft.objectives.base import NextTokenLoss
 from nanoft.run import checkpoint, distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2", "--eval_interval=3",
          "--save_interval=3", "--log_interval=1", "--warmup_iters=0", "--lr=3e-3", "--min_lr=3e-3", "--dropout=0.0",
          "--grad_accum=2", "--device=cpu"]  # grad_accum=2: DDP skips the all-reduce on the first micro-step
@@ -152,7 +152,7 @@ def test_fsdp_resumes_sharded_with_the_same_world_size(fsdp_run, one_process, tm
 
 def test_fsdp_trains_with_paged_8bit_adamw_and_its_checkpoint_resumes_in_one_process(tmp_path):
     """train.py --fsdp=True with a memory-saving optimizer (each optimizer's sharded maths against one process,
-    2 and 3 ranks: tests/test_fsdp_optim.py): losses as one process's, and the plain checkpoint it writes,
+    2 and 3 ranks: tests/optim/test_sharded_states.py): losses as one process's, and the plain checkpoint it writes,
     8-bit states gathered, continues in one process as the straight run does."""
     opt = ["--optimizer=paged_adamw8bit", "--min_8bit_size=1024", "--page_size=4096", "--dtype=float32"]
     train(tmp_path / "one", "--batch_size=8", "--max_iters=6", *opt)

@@ -13,7 +13,7 @@ SMALL = Config(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=128, dr
                weight_decay=0.1, min_8bit_size=1024, page_size=2048)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py's fixture)
 
 
 def test_each_name_selects_its_optimizer():

@@ -16,7 +16,7 @@ from nanoft.peft.prefix import apply_prefix
 from nanoft.quant.nf4 import Linear4bit
 from nanoft.run import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = Config(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, dropout=0.0)
 
 

@@ -4,14 +4,14 @@ reference on the CPU, and the optimizer against the real bitsandbytes.optim.Adam
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import device_for
+from helpers import device_for
 
 import nanoft.optim.adamw8bit as adamw8bit_module
 from nanoft.kernels import adamw8bit_cpu
 from nanoft.kernels.adamw8bit import adamw8bit_update_
 from nanoft.optim import AdamW8bit
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py's fixture)
 
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -7,7 +7,7 @@ import torch
 
 from nanoft.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py's fixture)
 
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -10,7 +10,7 @@ import pytest
 from nanoft.run import loss_plot as plot
 from nanoft.tools.plot import main as plot_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_run(out_dir: Path, steps: int = 30, eval_every: int = 10, start_loss: float = 6.0) -> Path:

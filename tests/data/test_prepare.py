@@ -16,7 +16,7 @@ import pytest
 
 from nanoft.data import corpus, download, tokenizer, tokens
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPO_CACHE = tokens.DATA_ROOT / ".cache"
 DOCS = ["Once upon a time there was a cat.", "The cat sat on the mat.\nIt was happy.", "The end? Ünïcödé ✓"]
 CORPUS = ("\n<|endoftext|>\n".join(DOCS * 40) + "\n").encode()

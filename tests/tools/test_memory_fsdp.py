@@ -3,7 +3,7 @@ parameters, gradients and AdamW states: half of what one process holds, since ev
 import dataclasses
 
 import torch
-from conftest import run_ranks
+from helpers import run_ranks
 
 from nanoft.config import load_config
 from nanoft.model.gpt import GPT

@@ -25,7 +25,7 @@ from nanoft.tools.memory.peak import peak_bytes, rule_16_bytes
 from nanoft.tools.memory.shape import GB, PRESETS, ModelShape
 from nanoft.tools.memory.sharded import per_rank
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # small, but with tensors on both sides of min_8bit_size (4096) and blocks that do not divide evenly
 SMALL = Config(n_layer=2, n_head=4, n_embd=64, vocab_size=500, block_size=32, batch_size=3, grad_accum=2,
                device="cpu", dtype="float32", lora_r=4)

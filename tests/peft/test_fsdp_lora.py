@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import run_ranks
+from helpers import run_ranks
 from torch.distributed.tensor import DTensor
 
 from nanoft.config import Config

@@ -3,7 +3,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device_for
+from helpers import device_for
 from safetensors.torch import load_file, save_file
 from torch import nn
 

@@ -19,7 +19,7 @@ from nanoft.peft.methods import PEFT, LoRA
 from nanoft.peft.prefix import PrefixEncoder, PrefixTable
 from nanoft.run import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, dropout=0.0, device="cpu", dtype="float32",
                prefix_len=3, prefix_hidden=16, adapter_size=4)
 

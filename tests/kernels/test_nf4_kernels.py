@@ -19,7 +19,7 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.functional import QuantState
-from conftest import bnb_native_cpu, device_for
+from helpers import bnb_native_cpu, device_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ BACKENDS = ["torch", "triton", "auto"]  # auto: the C kernel on the CPU (kernels
 
 
 def quantize(x, blocksize=64, double_quant=False, backend="auto"):
-    """quantize_nf4 on the device where `backend` runs (conftest.device_for), the state brought back to the CPU."""
+    """quantize_nf4 on the device where `backend` runs (helpers.device_for), the state brought back to the CPU."""
     return quantize_nf4(x.to(device_for(backend)), blocksize, double_quant, backend=backend).to("cpu")
 
 
@@ -257,7 +257,7 @@ def test_bits_per_parameter():
     assert round(4 + 8 / 64 + 32 / (64 * 256), 3) == 4.127  # the QLoRA paper's figure
 
 
-def test_clear_errors():
+def test_bad_nf4_input_is_a_clear_error():
     x = torch.randn(8, 8)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         quantize_nf4(x.double())

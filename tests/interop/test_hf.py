@@ -32,7 +32,7 @@ from nanoft.run import checkpoint
 from nanoft.tools.export import export, import_peft
 from nanoft.tools.export import main as export_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)  # GPT-2's vocabulary: text round trips
 TOL = 2e-5  # float32 rounding of the same sums in another order
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from nanoft.config import Config
 from nanoft.optim import OPTIMIZERS, PagedAdamW, PagedAdamW8bit, make_optimizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many steps on tiny tensors (tests/conftest.py's fixture)
 
 
 def _model(dtype=torch.float32) -> torch.nn.Module:

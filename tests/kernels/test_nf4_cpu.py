@@ -1,13 +1,13 @@
 """kernels/nf4_cpu.py, the C kernel that backend="auto" runs on the CPU: bit for bit the PyTorch reference.
 
-tests/test_nf4.py also runs "auto" through its whole matrix against bitsandbytes; here: tensors large enough
+tests/kernels/test_nf4_kernels.py also runs "auto" through its whole matrix against bitsandbytes; here: tensors large enough
 to be split across threads, values at the edges of the output formats, and the build (cache, broken compiler).
 """
 import shutil
 
 import pytest
 import torch
-from conftest import torch_threads
+from helpers import torch_threads
 
 from nanoft.kernels import dequantize_nf4, nf4_cpu, quantize_nf4
 from nanoft.kernels.nf4 import NF4_VALUES

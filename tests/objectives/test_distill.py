@@ -15,7 +15,7 @@ from nanoft.run import checkpoint
 from nanoft.tools.memory.estimate import Run, static_bytes
 from nanoft.tools.memory.shape import ModelShape
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def naive_distill_loss(z_s, z_t, y, T, alpha):

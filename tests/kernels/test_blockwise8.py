@@ -1,9 +1,9 @@
 """8-bit blockwise dynamic quantization: Triton (interpreted on CPU, compiled on CUDA) == reference == bitsandbytes,
-bit for bit. bitsandbytes runs on the CPU; our kernels where their backend runs (conftest.device_for)."""
+bit for bit. bitsandbytes runs on the CPU; our kernels where their backend runs (helpers.device_for)."""
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from conftest import bnb_native_cpu, device_for
+from helpers import bnb_native_cpu, device_for
 
 from nanoft.kernels import dequantize_blockwise8, dynamic_map, quantize_blockwise8
 
@@ -28,7 +28,7 @@ def bnb_quantize(x, code, blocksize):
 
 
 def bnb_dequantize(q, absmax, code, blocksize, dtype):
-    if not bnb_native_cpu():  # its PyTorch fallback: float32 maths rounded once, as its C kernel does (conftest)
+    if not bnb_native_cpu():  # its PyTorch fallback: float32 maths rounded once, as its C kernel does (helpers)
         return torch.ops.bitsandbytes.dequantize_blockwise.default(q, absmax, code, blocksize, torch.float32).to(dtype)
     return torch.ops.bitsandbytes.dequantize_blockwise.default(q, absmax, code, blocksize, dtype)
 
@@ -131,7 +131,7 @@ def test_empty_tensor():
     assert dequantize(q, absmax, backend="triton").shape == (0, 5)
 
 
-def test_clear_errors():
+def test_bad_blockwise8_input_is_a_clear_error():
     x = torch.randn(100)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         quantize_blockwise8(x.double())

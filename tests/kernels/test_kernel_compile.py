@@ -1,7 +1,7 @@
 """Every Triton kernel in kernels/ compiles for sm_80 (A100) and sm_90 (H100), exactly as the wrappers launch
 it, with no register spills. No GPU needed: Triton's compiler and the ptxas in its wheel do the work.
 
-    python tests/test_kernel_compile.py     # the table: kernel x variant x target -> registers, spills, and
+    python tests/kernels/test_kernel_compile.py     # the table: kernel x variant x target -> registers, spills, and
                                             # the global loads/stores of the PTX (count x width per thread)
 
 Why a subprocess: conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA, and then @triton.jit makes
@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = (80, 90)  # compute capabilities: A100, H100
 MAX_REGISTERS = 255  # ptxas's ceiling per thread; reaching it is where spilling starts
 

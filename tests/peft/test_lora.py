@@ -25,7 +25,7 @@ from nanoft.peft.lora_model import (
 )
 from nanoft.run import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256, dropout=0.0, lora_dropout=0.0,
                device="cpu", finetune="lora")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun
+from helpers import torchrun
 
 from nanoft.config import Config
 from nanoft.data.tokens import DATA_ROOT
@@ -28,7 +28,7 @@ from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lor
 from nanoft.run import checkpoint
 from nanoft.run.checkpoint import Checkpoint, CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
          "--warmup_iters=2", "--lr=3e-3", "--device=cpu"]
 

@@ -26,7 +26,7 @@ from nanoft.tools.reward import load_reward_model
 from nanoft.tools.reward import main as reward_main
 from sample import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.0, device="cpu", dtype="float32")
 
 
