@@ -26,7 +26,7 @@ COMPARE = re.compile(r"""finetune\s*(==|!=|\bin\b|\bnot in\b)|get\(["']finetune[
 
 
 def module_files() -> dict[str, Path]:
-    """{'nanoft.model.gpt.gpt': path, ...} for every module of the package (kernels/ installs as nanoft.kernels)."""
+    """{'nanoft.model.gpt': path, ...} for every module of the package (kernels/ installs as nanoft.kernels)."""
     found = {}
     for base, prefix in ((ROOT / "nanoft", "nanoft"), (ROOT / "kernels", "nanoft.kernels")):
         for path in base.rglob("*.py"):

@@ -51,7 +51,7 @@ class Adafactor(torch.optim.Optimizer):
 
     paged = False
     nominal_bytes_per_param = None  # factored statistics need the matrices' shapes, not only a parameter count
-    loss_tolerance = 0.10  # nanoft.check: the factored second moment approximates AdamW's
+    loss_tolerance = 0.10  # python -m nanoft check: the factored second moment approximates AdamW's
 
     @classmethod
     def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ import torch
 class AdamW(torch.optim.AdamW):
     paged = False
     nominal_bytes_per_param = 8.0
-    loss_tolerance = 0.0  # nanoft.check's yardstick: the others' losses are compared with this one's
+    loss_tolerance = 0.0  # python -m nanoft check's yardstick: the others' losses are compared with this one's
 
     @classmethod
     def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:

@@ -101,7 +101,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     paged = False  # the states stay on the parameter's device
     nominal_bytes_per_param = 2 + 8 / 256  # a code byte for m and for v, and a float32 absmax per 256 of each
-    loss_tolerance = 0.03  # nanoft.check: 8-bit states approximate AdamW's update
+    loss_tolerance = 0.03  # python -m nanoft check: 8-bit states approximate AdamW's update
 
     @classmethod
     def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:

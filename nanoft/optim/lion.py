@@ -27,7 +27,7 @@ from torch import Tensor
 class Lion(torch.optim.Optimizer):
     paged = False  # its state stays on the parameter's device
     nominal_bytes_per_param = 4.0  # one float32 moment: what a bare parameter count costs (the memory estimator)
-    loss_tolerance = 0.25  # nanoft.check: relative distance of its loss from AdamW's at the same lr and steps
+    loss_tolerance = 0.25  # python -m nanoft check: relative distance of its loss from AdamW's at the same lr and steps
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):

@@ -251,7 +251,7 @@ class PagedAdamW(PagedAdamW8bit):
 
     page_multiple = 1  # 32-bit states have no blocks: any page size works
     nominal_bytes_per_param = 8.0  # float32 m and v
-    loss_tolerance = 1e-3  # nanoft.check: AdamW page by page, the same bits
+    loss_tolerance = 1e-3  # python -m nanoft check: AdamW page by page, the same bits
 
     @classmethod
     def from_config(cls, groups: list[dict], cfg) -> torch.optim.Optimizer:

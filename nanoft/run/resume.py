@@ -54,7 +54,7 @@ def resumed_position(resume: checkpoint.Checkpoint, cfg, world_size: int) -> dic
     """The training data position for this run. Positions count global batches of batch_size * world_size
     rows; when that changed, convert so the run continues at the same row (token window or example)."""
     state = dict(resume.data["train"])
-    saved_world = resume.data.get("world_size")  # recorded since this check exists; older checkpoints: trust
+    saved_world = resume.data.get("world_size")  # None: a checkpoint that did not record it; trust its position
     if saved_world is None:
         return state
     old_rows, new_rows = resume.config["batch_size"] * saved_world, cfg.batch_size * world_size
