@@ -10,7 +10,7 @@
     python train.py configs/100m.py --help                # every config key
 
 Writes out_dir/metrics.jsonl (one JSON object per logged step) and checkpoints (ckpt.json + ckpt-<step>-<sha>
-.safetensors; best/ holds the lowest validation loss). Ctrl-C ends the step, saves it and exits. A NaN/inf step is skipped.
+.safetensors; best/ holds the lowest validation loss). Ctrl-C or SIGTERM ends the step, saves it and exits.
 """
 import contextlib
 import json
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
     # ---- the loop ----
     # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.run.progress)
     bar = progress(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not dist.is_master)
-    stop = StopRequest(dist)  # Ctrl-C: the step ends, is saved, and the run exits with 130
+    stop = StopRequest(dist)  # Ctrl-C, SIGTERM: the step ends, is saved, and the run exits with 130, 143
     # throughput: steps between two log points / wall time between them. Both points follow a .item() sync, so
     # on a GPU every queued kernel of those steps is inside the interval (and eval time is left out of it)
     t_log, step_log = time.perf_counter(), start_step
@@ -205,12 +205,12 @@ def main(argv: list[str]) -> None:
                 save(done)
             if log_now:
                 t_log, step_log = time.perf_counter(), done  # after eval and save, which are not training time
-            if guard.stop and not last:  # Ctrl-C (on any rank, agreed in guard.ok): this step is the last, on every rank
+            if guard.stop and not last:  # a stop signal (on any rank, agreed in guard.ok): the last step, on every rank
                 if dist.is_master:
                     bar.write(f"interrupted: saving a checkpoint at step {done} in {cfg.out_dir}")
                 if done % cfg.save_interval:  # not saved above
                     save(done)
-                sys.exit(130)
+                sys.exit(stop.exit_code)
     finally:
         stop.close()
         bar.close()
@@ -240,7 +240,7 @@ if __name__ == "__main__":
     exit_code = 0
     try:
         main(sys.argv[1:])
-    except SystemExit as e:  # Ctrl-C's 130
+    except SystemExit as e:  # a stop signal's 130 or 143
         exit_code = e.code
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
         exit_code = f"error: {e}"  # bad input is one clear line, not a traceback

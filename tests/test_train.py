@@ -104,7 +104,9 @@ def committed_step(out_dir) -> int:
         return -1
 
 
-def test_ctrl_c_saves_and_exits(tmp_path):
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stop_signal_saves_the_step_and_exits_and_the_resume_is_bit_exact(signum, code, name, tmp_path):
+    """Ctrl-C, or the SIGTERM with which Slurm, Kubernetes, docker stop and preemptible machines end a job."""
     # a constant learning rate (so that a run of max_iters=100000 and one of a few steps share every step's lr),
     # dropout and gradient accumulation: the resume below checks the RNG state and data position too
     same = ["--log_interval=1", "--eval_interval=100000", "--save_interval=100000", "--compile=False",
@@ -119,17 +121,17 @@ def test_ctrl_c_saves_and_exits(tmp_path):
         deadline = time.time() + 120
         while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         try:
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:  # hung: show where, so that the cause can be found
             proc.send_signal(signal.SIGABRT)
             out, err = proc.communicate(timeout=30)
-            pytest.fail(f"train.py did not exit within 60 s of Ctrl-C; where it was:\n{err[-4000:]}")
+            pytest.fail(f"train.py did not exit within 60 s of {name}; where it was:\n{err[-4000:]}")
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
-    assert "Ctrl-C: stopping at the end of this step" in err and "interrupted: saving a checkpoint" in out
+    assert proc.returncode == code, err[-2000:]  # as a process ended by that signal reports it: 128 + its number
+    assert f"{name}: stopping at the end of this step" in err and "interrupted: saving a checkpoint" in out
     step = checkpoint.load(tmp_path).step
     assert step >= 5 and max(losses_by_step(tmp_path)) == step  # the step it finished, logged, then saved
     # the checkpoint is the state after exactly that many steps: resumed, every loss equals a straight run's

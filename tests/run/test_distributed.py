@@ -336,9 +336,11 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
             os.kill(int(p), signal.SIGKILL)
 
 
-def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
-    """Ctrl-C in a terminal: SIGINT to torchrun and both FSDP workers (and torchrun passes it on). Each rank finishes
-    its step, they agree on it, gather and save it, and exit: the checkpoint is the last step logged."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stop_signal_under_torchrun_saves_the_same_step_on_every_rank(stop, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to torchrun and both FSDP workers (and torchrun passes it on); a scheduler's
+    SIGTERM to torchrun alone, which passes it on. Each rank finishes its step, they agree on it, gather and save
+    it, and exit: the checkpoint is the last step logged."""
     import signal
     import time
 
@@ -353,7 +355,10 @@ def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
         while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
             assert time.time() < deadline and launcher.poll() is None, "the run did not start"
             time.sleep(0.1)
-        os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        if stop == "ctrl-c":
+            os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        else:
+            launcher.send_signal(signal.SIGTERM)  # what Slurm or Kubernetes does: the job's main process
         out = launcher.communicate(timeout=120)[0]
     finally:
         for p in subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split():
