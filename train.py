@@ -23,12 +23,10 @@ import torch
 
 from nanoft.config import describe, load_config
 from nanoft.data.batches import make_batches
-from nanoft.data.tokenizer import get_tokenizer
 from nanoft.interop import hf
 from nanoft.interop.pretrained import load_pretrained
 from nanoft.model import GPT
 from nanoft.objectives import METHODS, method_of
-from nanoft.objectives.sft_eval import task_report
 from nanoft.optim import OPTIMIZERS, make_optimizer, optimizer_class, warmup_cosine
 from nanoft.peft.methods import trainable_summary
 from nanoft.run import checkpoint, distributed
@@ -39,6 +37,7 @@ from nanoft.run.out_dir import claim
 from nanoft.run.precision import pick_compile, pick_device, pick_dtype
 from nanoft.run.progress import finite_or_none, progress
 from nanoft.run.resume import check_resume, resumed_position
+from nanoft.run.sizing import GpuSizedNotice, warmup_notice
 from nanoft.run.step_guard import StepGuard
 from nanoft.run.stop import StopRequest
 
@@ -139,9 +138,12 @@ def main(argv: list[str]) -> None:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world_size
     step_flops = flops_per_token(raw_model, cfg.n_layer, cfg.block_size, cfg.n_embd) * tokens_per_step / dist.world_size
     peak, peak_source = peak_flops(device, dtype)  # per device; MFU below is per device too
+    sizing = GpuSizedNotice(device, step_flops * (cfg.max_iters - start_step), peak, argv[0])  # a GPU's job on a CPU?
     if dist.is_master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {str(dtype).removeprefix('torch.')}"
               f" | {tokens_per_step:,} tokens/step | optimizer {cfg.optimizer} | peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+        for note in filter(None, (sizing.opening() if sizing.active else None, warmup_notice(cfg))):
+            print(note)
 
     # ---- the loop ----
     # a terminal gets tqdm's bar; a log file or pipe gets a plain line every few seconds (nanoft.run.progress)
@@ -171,6 +173,8 @@ def main(argv: list[str]) -> None:
             scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             done = step + 1
+            if dist.is_master and (line := sizing.step_done(done, cfg.max_iters)):  # a GPU's job: the time it takes here
+                bar.write(line)
             if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist (fsdp: rank 0's shards)
                 bar.write(measured_breakdown(raw_model, optimizer))
             last = done == cfg.max_iters
@@ -217,18 +221,11 @@ def main(argv: list[str]) -> None:
         if metrics:
             metrics.close()
 
-    # ---- show what the model does now (fsdp: each rank holds a shard, so all ranks run each forward) ----
-    if (dist.is_master or dist.fsdp) and method.data == "tokens":
-        enc = get_tokenizer()
-        start = torch.tensor([enc.encode("\n")], device=device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        ids = [t.item() for t in raw_model.generate(start, 200, temperature=0.8, top_k=200, generator=gen)]
-        if dist.is_master:
-            print("sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab]))
-    elif dist.is_master and not dist.fsdp:  # fsdp: score the checkpoint in one process
-        with autocast:  # as it trained: a LoRA model's frozen base is bf16 on CUDA, its adapters float32
-            print(objective.report(raw_model, val_examples, device) if method.data == "preferences"
-                  else task_report(raw_model, val_examples, device, speaker_task=not cfg.sft_data))
+    # ---- show what the model does now: a sample, or the method's held-out scores (fsdp: every rank runs it) ----
+    if dist.is_master or dist.fsdp:
+        report = objective.report(raw_model, val_examples, device, autocast, cfg, sharded=dist.fsdp)
+        if dist.is_master and report:
+            print(report)
     if cfg.wandb_log and dist.is_master:
         wandb.finish()
 

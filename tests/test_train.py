@@ -201,3 +201,36 @@ def read_leveldb_log(data: bytes):
             pending += payload
         elif kind == 4:
             yield pending + payload
+
+
+def test_a_run_shorter_than_its_warmup_runs_and_says_so(tmp_path):
+    r = run_train(tmp_path, "--max_iters=3", "--warmup_iters=30", "--log_interval=1", "--eval_interval=3")
+    assert ("note: the run ends inside its warmup (max_iters=3 < warmup_iters=30): the learning rate rises to "
+            "2.90e-04, not to its peak lr=3.00e-03") in r.stdout  # 3e-3 * 3 / 31 at step 2: nanoGPT's warmup
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == sorted(lrs) and max(lrs) == pytest.approx(3e-3 * 3 / 31)
+    r = subprocess.run(train_cmd(tmp_path / "bad", "--warmup_iters=-1"), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "config key 'warmup_iters' must be at least 0; got -1" in r.stderr  # nonsense stays
+
+
+def test_a_run_sized_for_a_gpu_says_so_on_a_cpu_then_how_long_it_takes_here(tmp_path):
+    # a tiny model over a billion steps: its model maths are a GPU's hours at this CPU's best matmul speed
+    cmd = train_cmd(tmp_path, "--max_iters=1000000000", "--warmup_iters=0", "--eval_interval=1000000000",
+                    "--save_interval=1000000000", "--log_interval=1", "--compile=False")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        while not any(line.startswith("measured:") for line in lines) and time.time() < deadline:
+            lines.append(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    note = next(line for line in lines if line.startswith("note:"))
+    assert "configs/tiny.py is sized for a GPU: on this CPU it takes at least" in note
+    assert "configs/tiny.py trains in minutes here" in note
+    measured = next(line for line in lines if line.startswith("measured:"))
+    assert " s a step on this CPU, so the remaining 999,999,997 steps take about " in measured
+    quick = run_train(tmp_path / "quick", "--max_iters=3", "--eval_interval=3")  # minutes, not hours: no note
+    assert "sized for a GPU" not in quick.stdout

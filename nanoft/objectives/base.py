@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nanoft.data.tokenizer import get_tokenizer
+from nanoft.objectives.sft_eval import task_report
 from nanoft.run.distributed import ranks, sum_across_ranks, token_share
 
 
@@ -55,6 +57,15 @@ class Objective:
         for name, value in scores.items():
             self._sums[name] = self._sums.get(name, 0) + value.detach().float()
         self._count += 1
+
+    def report(self, model, val_examples: list, device, autocast, cfg, sharded: bool) -> str | None:
+        """What train.py prints after training: here, 200 sampled tokens after a newline. Under FSDP every rank
+        calls it (each holds a shard, so each runs every forward) and train.py prints rank 0's."""
+        enc = get_tokenizer()
+        start = torch.tensor([enc.encode("\n")], device=device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        ids = [t.item() for t in model.generate(start, 200, temperature=0.8, top_k=200, generator=gen)]
+        return "sample:\n" + enc.decode([i for i in ids if i < enc.n_vocab])
 
     def pop_scores(self, prefix: str) -> dict[str, float]:
         """The mean of each score since the last pop, names prefixed ("train_reward_accuracy"), then reset."""
@@ -99,6 +110,16 @@ class NextTokenLoss(Objective):
     def eval_loss(self, model, batch) -> Tensor:
         loss = model(*batch)
         return loss * token_share(loss_tokens(batch)) if len(batch) == 3 else loss
+
+    def report(self, model, val_examples: list, device, autocast, cfg, sharded: bool) -> str | None:
+        """Pretraining: a sample. SFT: the held-out answers (task_report), scored in one process (under FSDP a
+        rank holds a shard only: score the checkpoint afterwards, with sample.py)."""
+        if not val_examples:
+            return super().report(model, val_examples, device, autocast, cfg, sharded)
+        if sharded:
+            return None
+        with autocast:  # as it trained: a LoRA model's frozen base is bf16 on CUDA, its adapters float32
+            return task_report(model, val_examples, device, speaker_task=not cfg.sft_data)
 
 
 def loss_tokens(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:

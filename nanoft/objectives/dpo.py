@@ -138,13 +138,14 @@ class DPO(Objective):
         policy_w, policy_l, ref_w, ref_l = self.held_out_logprobs(model, pairs, device)
         return ((ref_w > ref_l) if reference else (policy_w > policy_l)).float().mean().item()
 
-    def report(self, model: nn.Module, val_pairs: list[PreferencePair], device) -> str:
+    def report(self, model: nn.Module, val_pairs: list[PreferencePair], device, autocast, cfg, sharded: bool) -> str:
         """Two held-out accuracies over every val pair. The model's own: log pi(y_w|x) > log pi(y_l|x), before
         (the reference) and after. DPO's reward accuracy, the paper's measure: r_w > r_l with the implicit reward
         r = beta log(pi / pi_ref), i.e. whether training moved the pair the right way (chance 0.5; 0 at the start,
         where every reward is 0). The second can rise while the first barely moves: DPO widens the margin relative
         to the reference, and a pair the reference orders wrongly by a lot stays wrong for a while."""
-        policy_w, policy_l, ref_w, ref_l = self.held_out_logprobs(model, val_pairs, device)
+        with autocast:
+            policy_w, policy_l, ref_w, ref_l = self.held_out_logprobs(model, val_pairs, device)
         before, after = (ref_w > ref_l).float().mean().item(), (policy_w > policy_l).float().mean().item()
         moved = ((policy_w - ref_w) > (policy_l - ref_l)).float().mean().item()
         n = len(policy_w)

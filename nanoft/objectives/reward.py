@@ -89,6 +89,7 @@ class RewardModel(Objective):
             model.train(was_training)
         return wins / len(pairs)
 
-    def report(self, model: GPT, val_pairs: list[PreferencePair], device) -> str:
-        return (f"held-out pairwise accuracy (r(chosen) > r(rejected), {len(val_pairs)} pairs): "
-                f"{self.pairwise_accuracy(model, val_pairs, device):.3f} (chance 0.500)")
+    def report(self, model: GPT, val_pairs: list[PreferencePair], device, autocast, cfg, sharded: bool) -> str:
+        with autocast:
+            accuracy = self.pairwise_accuracy(model, val_pairs, device)
+        return f"held-out pairwise accuracy (r(chosen) > r(rejected), {len(val_pairs)} pairs): {accuracy:.3f} (chance 0.500)"
