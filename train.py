@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from nanoft.config import describe, load_config
+from nanoft.config import describe, load_config, parse_overrides
 from nanoft.data.batches import make_batches
-from nanoft.interop import hf
-from nanoft.interop.pretrained import load_pretrained
+from nanoft.interop.pretrained import load_pretrained, resolve_base
 from nanoft.model import GPT
 from nanoft.objectives import METHODS, method_of
 from nanoft.optim import OPTIMIZERS, make_optimizer, optimizer_class, warmup_cosine
@@ -60,15 +59,15 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\n" + describe() + f"\n\noptimizers: {', '.join(OPTIMIZERS)}\nmethods (finetune): {', '.join(METHODS)}")
         return
     cfg = load_config(argv[0], argv[1:])
+    owner = claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
+    cfg = resolve_base(cfg, parse_overrides(argv[1:]))  # the base's shape: its checkpoint's, or GPT-2's config.json
     method, _ = method_of(cfg), optimizer_class(cfg.optimizer)  # the method's and optimizer's table entries
     peft = method.peft(cfg)  # LoRA, QLoRA, prefix, adapters: the base frozen, a few tensors added; None: all train
     if cfg.fsdp and not method.shards(cfg):
         raise ValueError(f"fsdp=True supports finetune=none, full, lora or qlora, not {cfg.finetune}: "
                          "train it with DDP (fsdp=False)")
-    owner = claim(cfg, argv)  # noqa: F841 (out_dir is ours while it lives; even kill -9 releases it)
-    cfg = hf.resolve(cfg)  # a Hugging Face GPT-2 (gpt2, a folder, a file): fetched by name; its config.json sets the shape
     resume = checkpoint.load(cfg.out_dir) if cfg.init_from == "resume" else None
-    if resume:  # the model's shape comes from the checkpoint; other keys may change (printed), a few may not
+    if resume:  # the shape is the checkpoint's (resolve_base); other keys may change (printed), a few may not
         check_resume(resume, cfg)
     base_from = resume.base_from if resume else cfg.init_from
 

@@ -2,11 +2,19 @@
 layout (a model.safetensors; a Hub name is made one by nanoft.interop.hf.resolve)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from nanoft.config import Config
 from nanoft.interop import hf
 from nanoft.model import GPT
 from nanoft.run import checkpoint
-from nanoft.run.base_model import load_base_model
+from nanoft.run.base_model import load_base_model, take_base_shape
+
+
+def resolve_base(cfg: Config, explicit: Iterable[str] = ()) -> Config:
+    """cfg with the shape of the base it starts from: a GPT-2 (gpt2, a folder, a file; fetched by name), whose
+    config.json sets it, or a nanoft checkpoint, whose saved config does; explicit: the command line's keys."""
+    return take_base_shape(hf.resolve(cfg), explicit)
 
 
 def load_pretrained(cfg: Config, source: str) -> GPT:

@@ -14,6 +14,7 @@ import torch
 
 from nanoft.data.sft import SFTExample, collate, fit_to_block
 from nanoft.data.tokenizer import EOT_ID
+from nanoft.model.logprobs import sequence_logprobs
 
 SCORED_EXAMPLES = 300  # the val examples the scores look at (the val split is already shuffled)
 
@@ -51,9 +52,8 @@ def score_speaker_task(model: torch.nn.Module, examples: list[SFTExample], devic
     try:
         for i in range(0, len(rows), rows_per_forward):
             x, y, mask = (t.to(device) for t in collate(rows[i:i + rows_per_forward], block_size))
-            logits = model(x)  # (R, T, vocab)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((logp * mask).sum(dim=1).cpu())  # (R,) log p(answer | prompt)
+            # (R,) log p(answer | prompt): only the answer's positions reach the head, not every (R, T, vocab) logit
+            scores.append(sequence_logprobs(model, x, y, mask).cpu())
     finally:
         model.train(was_training)
     pred = torch.cat(scores).view(len(examples), len(candidates)).argmax(dim=1)

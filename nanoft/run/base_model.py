@@ -1,9 +1,53 @@
-"""A full model from a nanoft checkpoint directory: the base a fine-tune, a teacher or sample.py starts from."""
+"""The nanoft checkpoint a run starts from: its shape decides the model's, and its weights fill it.
+
+    cfg = take_base_shape(cfg, explicit)       # --init_from=DIR (or resume): the shape the checkpoint was trained in
+    model = load_base_model(cfg, cfg.init_from)
+
+A base's weights have one shape, so a run starting from it takes that shape, as nanoGPT and litgpt do and as
+--init_from=gpt2 takes config.json's: the user names the base, not its dimensions. The keys that change are
+printed. Only what cannot be is refused, in one line: a shape key given on the command line that differs from
+the base's, or a block_size above the base's (its position embeddings end there; a config file's larger
+block_size is cut to the base's instead). Resuming takes the run's own saved shape, its adapters' included.
+"""
 from __future__ import annotations
 
-from nanoft.config import Config
+import dataclasses
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from nanoft.config import Config, ConfigError
 from nanoft.model import GPT
 from nanoft.run import checkpoint
+from nanoft.run.distributed import launched_rank
+
+
+def take_base_shape(cfg: Config, explicit: Iterable[str] = (), announce: bool = True) -> Config:
+    """cfg with the shape of the nanoft checkpoint it starts from (init_from=DIR, or resume: out_dir's run);
+    any other cfg as it is. explicit: the keys set on the command line (module docstring)."""
+    resume = cfg.init_from == "resume"
+    where = cfg.out_dir if resume else cfg.init_from
+    if not (resume or Path(where).is_dir()) or not checkpoint.exists(where):
+        return cfg
+    saved = checkpoint.read_meta(where)["config"]
+    keys = checkpoint.SHAPE_KEYS if resume else checkpoint.ARCH_KEYS + ("block_size",)
+    shape, explicit = {}, set(explicit)
+    for key in keys:
+        if key not in saved:
+            continue
+        value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        if key == "block_size" and not resume:
+            if cfg.block_size <= value:
+                continue  # a shorter context than the base's is fine: its first positions
+            if key in explicit:
+                raise ConfigError(f"block_size={cfg.block_size} is above the base {where}'s {value}: its position "
+                                  f"embeddings end there; set block_size <= {value}")
+        if value != getattr(cfg, key) and key not in explicit:
+            shape[key] = value
+    changed = ", ".join(f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in shape.items())
+    if changed and announce and launched_rank() == 0:
+        print(f"{where}: the model's shape is its checkpoint's: {changed}", file=sys.stderr)
+    return dataclasses.replace(cfg, **shape)
 
 
 def load_base_model(cfg: Config, source: str) -> GPT:
