@@ -104,6 +104,8 @@ def main(argv: list[str]) -> None:
     if pick_compile(cfg, raw_model, device, method.compile_measured(cfg)):  # "auto": when the run is long enough to repay compiling
         model = torch.compile(model)  # slow first step, faster after
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+    if resume and resume.extra.get("scaler"):  # fp16: the loss scale and its growth count go on where they were
+        scaler.load_state_dict(resume.extra["scaler"])
     guard = StepGuard(cfg.max_bad_steps, scaler.is_enabled(), dist)  # skips non-finite steps
 
     # ---- data: token files for pretraining, prompt/response pairs for fine-tuning ----
@@ -125,7 +127,8 @@ def main(argv: list[str]) -> None:
         if peft:  # only what the method trained goes to disk, with its shape and its base
             (weights, train_only), extra["adapter"] = peft.saved(raw_model), peft.config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
-            step=step, config=cfg.to_dict(), model=weights, base_from=base_from, extra=extra, optim=optim_state,
+            step=step, config=cfg.to_dict(), model=weights, base_from=base_from, optim=optim_state,
+            extra={**extra, "scaler": scaler.state_dict()},  # fp16's loss scale ({} without fp16)
             data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng, train_only=train_only))
 
     out_dir = Path(cfg.out_dir)
@@ -181,7 +184,8 @@ def main(argv: list[str]) -> None:
             if log_now:
                 loss_value = distributed.mean_across_ranks(loss_sum, dist).item()  # a CPU-GPU sync point
                 steps_per_s = (done - step_log) / (time.perf_counter() - t_log)
-                record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step * steps_per_s,
+                record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": guard.grad_norm.item(),  # unclipped
+                          "tokens_per_s": tokens_per_step * steps_per_s,
                           "mfu": step_flops * steps_per_s / peak, **objective.pop_scores("train_")}
                 if device_type == "cuda":  # the allocator's high-water mark so far (python -m nanoft check compares it)
                     record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -234,3 +234,47 @@ def test_a_run_sized_for_a_gpu_says_so_on_a_cpu_then_how_long_it_takes_here(tmp_
     assert " s a step on this CPU, so the remaining 999,999,997 steps take about " in measured
     quick = run_train(tmp_path / "quick", "--max_iters=3", "--eval_interval=3")  # minutes, not hours: no note
     assert "sized for a GPU" not in quick.stdout
+
+
+def test_an_fp16_run_resumes_bit_for_bit_with_its_loss_scale(tmp_path):
+    """fp16 autocast (what "auto" picks on a T4 or V100; it runs on a CPU too) with its GradScaler: the loss scale
+    and its growth count travel in the checkpoint, so a resumed run equals a straight one. Every optimizer's own
+    state goes through the same save and load in tests/optim/test_optimizer_state_resume.py."""
+    extra = ["--dtype=float16"]
+    # a constant learning rate, so that a run of 3 steps and one of 6 share every step's lr
+    same = ["--n_layer=1", "--log_interval=1", "--eval_interval=100", "--compile=False", "--warmup_iters=0",
+            "--min_lr=3e-3", *extra]
+    run_train(tmp_path / "straight", *same, "--max_iters=6")
+    run_train(tmp_path / "split", *same, "--max_iters=3")
+    run_train(tmp_path / "split", *same, "--max_iters=6", "--init_from=resume")
+    assert losses_by_step(tmp_path / "split") == losses_by_step(tmp_path / "straight")  # exact float equality
+    straight, split = (checkpoint.load(tmp_path / name) for name in ("straight", "split"))
+    assert split.extra["scaler"] == straight.extra["scaler"]  # without it the resumed count restarts at 0
+    assert straight.extra["scaler"]["_growth_tracker"] == 6 and straight.extra["scaler"]["scale"] == 65536.0
+
+
+def test_the_gradient_norm_is_logged_before_clipping_and_clipping_acts_only_above_it(tmp_path):
+    def run(name: str, clip: float) -> list[dict]:
+        run_train(tmp_path / name, "--n_layer=1", "--max_iters=4", "--log_interval=1", "--eval_interval=100",
+                  "--compile=False", f"--grad_clip={clip}")
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    unclipped = run("off", 0)  # grad_clip=0 disables clipping
+    norms = [r["grad_norm"] for r in unclipped]
+    assert all(n > 0 for n in norms)
+    above = run("above", 1e9)  # a bound above every norm: clipping changes nothing, bit for bit
+    assert [(r["loss"], r["grad_norm"]) for r in above] == [(r["loss"], r["grad_norm"]) for r in unclipped]
+    clipped = run("clipped", norms[0] / 10)  # a tenth of the first step's norm: every step is clipped
+    assert clipped[0]["grad_norm"] == norms[0]  # the same first gradient, logged before clipping
+    assert clipped[-1]["loss"] != unclipped[-1]["loss"]  # and the clipped steps took another path
+
+
+def test_a_compiled_run_saves_and_resumes_bit_for_bit(tmp_path):
+    """torch.compile, which "auto" turns on for configs/tiny.py on a CPU (the default path), through a save and
+    a resume: the resumed run compiles the same graph again and continues with the same bits."""
+    same = ["--n_layer=1", "--log_interval=1", "--eval_interval=100", "--compile=True", "--warmup_iters=0",
+            "--min_lr=3e-3"]  # a constant lr: a run of 2 steps and one of 4 share every step's lr
+    run_train(tmp_path / "straight", *same, "--max_iters=4")
+    run_train(tmp_path / "split", *same, "--max_iters=2")
+    run_train(tmp_path / "split", *same, "--max_iters=4", "--init_from=resume")
+    assert losses_by_step(tmp_path / "split") == losses_by_step(tmp_path / "straight")  # exact float equality

@@ -30,11 +30,13 @@ class StepGuard:
         self.max_bad_steps, self.fp16_scaler, self.dist = max_bad_steps, fp16_scaler, dist
         self.skipped = 0  # steps skipped so far in this process (logged as "skipped")
         self.in_a_row = 0
-        self.stop = False  # some rank was asked to stop (Ctrl-C) by the last call
+        self.stop = False  # some rank was asked to stop (Ctrl-C, SIGTERM) by the last call
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm, before clipping
 
     def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, stop_requested: bool = False) -> bool:
         if hasattr(grad_norm, "full_tensor"):  # fsdp: the norm is a DTensor
             grad_norm = grad_norm.full_tensor()
+        self.grad_norm = grad_norm  # the whole model's, before clipping: train.py logs it
         bad_loss = (~torch.isfinite(loss.detach().float())).float()
         bad_grad = (~torch.isfinite(grad_norm.detach().float())).float().to(bad_loss.device)
         stop = torch.tensor(float(stop_requested), device=bad_loss.device)

@@ -23,6 +23,7 @@ from nanoft.peft.lora_model import (
     merge_lora,
     trainable_summary,
 )
+from nanoft.quant import Linear4bit
 from nanoft.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,13 +276,12 @@ def test_merge_command_writes_a_plain_checkpoint(tmp_path):
     assert bad.returncode != 0 and "not a LoRA adapter" in bad.stderr
 
 
-# --- QLoRA: needs the NF4 Linear4bit -------------------------------------------------------------
+# --- QLoRA: LoRA over the NF4 Linear4bit -------------------------------------------------------------
 
 def test_qlora_forward_matches_float_linear_with_dequantized_weight():
-    quant = pytest.importorskip("nanoft.quant.nf4")
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)
-    q = quant.Linear4bit.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
+    q = Linear4bit.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
     lora = LoRALinear(q, r=4, alpha=8, dropout=0.0)
     nn.init.normal_(lora.lora_B, std=0.1)
     reference = nn.Linear(128, 64)
@@ -301,15 +301,14 @@ def test_qlora_forward_matches_float_linear_with_dequantized_weight():
 
 
 def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
-    quant = pytest.importorskip("nanoft.quant.nf4")
     model, cfg = small_model(finetune="qlora", nf4_blocksize=64, double_quant=True)
     apply_lora(model, cfg)
     randomize_adapters(model)
     for block in model.blocks:
         for name in ("attn.q_proj", "attn.v_proj"):
-            assert isinstance(block.get_submodule(name).base, quant.Linear4bit)
+            assert isinstance(block.get_submodule(name).base, Linear4bit)
         for name in ("attn.k_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"):
-            assert isinstance(block.get_submodule(name), quant.Linear4bit)
+            assert isinstance(block.get_submodule(name), Linear4bit)
     assert model.wte.weight.dtype == torch.float32 and not model.wte.weight.requires_grad
     x = tokens()
     want = logits(model, x)
@@ -318,7 +317,7 @@ def test_qlora_model_quantizes_every_block_linear_and_trains_only_adapters():
     assert trainable == set(adapter_state_dict(model)) and all(model.get_parameter(n).grad is not None for n in trainable)
     assert "trainable params" in trainable_summary(model)
     merged = merge_lora(model)  # dequantized base + update, NF4 non-targets dequantized too
-    assert not any(isinstance(m, (LoRALinear, quant.Linear4bit)) for m in merged.modules())
+    assert not any(isinstance(m, (LoRALinear, Linear4bit)) for m in merged.modules())
     torch.testing.assert_close(logits(merged, x), want, rtol=1e-4, atol=1e-4)
 
 
