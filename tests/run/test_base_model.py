@@ -31,7 +31,7 @@ def small_base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config, resume", [
-    ("configs/lora.py", True), ("configs/qlora.py", False), ("configs/prefix.py", False), ("configs/dpo.py", True),
+    ("configs/lora.py", True), ("configs/qlora.py", False), ("configs/prefix.py", False), ("configs/dpo.py", False),
     ("configs/reward.py", False),
 ])
 def test_every_method_takes_the_shape_of_the_base_it_starts_from(config, resume, small_base, tmp_path):
