@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
             scaler.update()  # fp16: lowers the loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             done = step + 1
-            if dist.is_master and (line := sizing.step_done(done, cfg.max_iters)):  # a GPU's job: the time it takes here
+            if sizing.active and dist.is_master and (line := sizing.step_done(done, cfg.max_iters)):  # a GPU's job here
                 bar.write(line)
             if done == start_step + 1 and dist.is_master:  # once: now the optimizer states exist (fsdp: rank 0's shards)
                 bar.write(measured_breakdown(raw_model, optimizer))
