@@ -1,8 +1,9 @@
-"""Optimizer state memory and step time on the 100M model, as ratios to torch.optim.AdamW (fused on CUDA) and to
+"""Optimizer state memory and step time on the 100M model, as ratios to torch.optim.AdamW (fused, as nanoft's "adamw" runs it; its unfused default has a row) and to
 the bitsandbytes optimizer each one stands in for.
 
     python bench/bench_optim.py                       # configs/100m.py on this machine's device
     python bench/bench_optim.py --config=configs/tiny.py --steps=10
+    python bench/bench_optim.py --config=configs/tiny.py --n_embd=256 --only='torch AdamW,torch AdamW unfused'
 
 Only `optimizer.step()` is timed (the gradients are fixed random tensors, so no forward/backward), after
 untimed steps that allocate the states (and compile the Triton kernels); the optimizers take turns step by step
@@ -56,11 +57,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per optimizer, median reported "
                         "(default: 3 on the CPU, 20 on CUDA)")
     parser.add_argument("--only", default="", help="comma-separated subset of the optimizer labels")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # the rest: config overrides, --n_embd=256
 
     import bitsandbytes as bnb  # imported here: it is a test/benchmark dependency, not a runtime one
 
-    cfg = load_config(args.config, [])
+    cfg = load_config(args.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     steps = args.steps or (20 if cuda else 3)
@@ -74,7 +75,8 @@ def main() -> None:
     adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     # label -> (constructor, label of the bitsandbytes optimizer it is compared with)
     candidates = {
-        "torch AdamW": (lambda g: torch.optim.AdamW(g, **adam, fused=True if cuda else None), "bnb AdamW8bit"),
+        "torch AdamW": (lambda g: torch.optim.AdamW(g, **adam, fused=True), "bnb AdamW8bit"),
+        "torch AdamW unfused": (lambda g: torch.optim.AdamW(g, **adam), "bnb AdamW8bit"),
         "bnb AdamW8bit": (lambda g: bnb.optim.AdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size),
                           "bnb AdamW8bit"),
         "adamw8bit": (lambda g: AdamW8bit(g, **adam, min_8bit_size=cfg.min_8bit_size), "bnb AdamW8bit"),

@@ -29,17 +29,17 @@ a fresh output's first-touch page faults cost more than the arithmetic (advise_h
 The C source below is compiled once per machine with the system C compiler (kernels/_cc.py) and loaded with
 ctypes. Without a working
 compiler `available()` is False and nanoft uses the reference (with one warning). Large tensors are split
-into one range of blocks per torch thread (torch.get_num_threads()); ctypes releases the GIL during a call.
+into one range of blocks per torch thread (torch.get_num_threads(); kernels/_threads.py).
 """
 import ctypes
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from ._cc import build_library
+from ._threads import in_threads
 
 ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
 HUGE_PAGES_FROM = 8 << 20  # output bytes from which dequantize asks for 2 MB pages (see advise_huge_pages)
@@ -209,19 +209,11 @@ def available() -> bool:
     return _library() is not None
 
 
-def in_threads(work: Callable[[int, int], None], num_blocks: int, blocksize: int) -> None:
-    """work(first, last) over contiguous ranges of range(num_blocks), one per torch thread (at least
-    ELEMENTS_PER_THREAD elements each); this thread runs the first range."""
-    threads = max(1, min(torch.get_num_threads(), num_blocks * blocksize // ELEMENTS_PER_THREAD))
-    cuts = [num_blocks * t // threads for t in range(threads + 1)]
-    if threads == 1:
-        work(0, num_blocks)
-        return
-    with ThreadPoolExecutor(threads - 1, thread_name_prefix="nanoft-nf4") as pool:
-        others = [pool.submit(work, cuts[t], cuts[t + 1]) for t in range(1, threads)]
-        work(cuts[0], cuts[1])
-        for future in others:
-            future.result()
+def _split(work: Callable[[int, int], None], num_blocks: int, blocksize: int) -> None:
+    """work(first, last) over ranges of range(num_blocks), one per torch thread, each at least
+    ELEMENTS_PER_THREAD elements (kernels/_threads.py)."""
+    threads = min(torch.get_num_threads(), num_blocks * blocksize // ELEMENTS_PER_THREAD)
+    in_threads(lambda part, first, last: work(first, last), num_blocks, threads)
 
 
 def quantize_nf4_cpu(flat: Tensor, blocksize: int, midpoints: Tensor, floor: float) -> tuple[Tensor, Tensor]:
@@ -232,7 +224,7 @@ def quantize_nf4_cpu(flat: Tensor, blocksize: int, midpoints: Tensor, floor: flo
     absmax = torch.empty(num_blocks, dtype=torch.float32)
     kernel = getattr(_library(), f"quantize_{SUFFIX[flat.dtype]}")
     args = (flat.data_ptr(), midpoints.data_ptr(), floor, packed.data_ptr(), absmax.data_ptr(), blocksize)
-    in_threads(lambda first, last: kernel(*args, first, last), num_blocks, blocksize)
+    _split(lambda first, last: kernel(*args, first, last), num_blocks, blocksize)
     return packed, absmax
 
 
@@ -245,7 +237,7 @@ def dequantize_nf4_cpu(packed: Tensor, absmax: Tensor, blocksize: int, nf4: Tens
     args = (packed.data_ptr(), absmax.data_ptr(), nf4.data_ptr(), out.data_ptr(), blocksize)
     if out.numel() * out.element_size() >= HUGE_PAGES_FROM:
         _library().advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    in_threads(lambda first, last: kernel(*args, first, last), absmax.numel(), blocksize)
+    _split(lambda first, last: kernel(*args, first, last), absmax.numel(), blocksize)
 
 
 def double_quant_absmax(codes: Tensor, nested_absmax: Tensor, code: Tensor, offset: Tensor, nested_blocksize: int

@@ -39,12 +39,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanoft.kernels import cross_entropy_cpu
+
 IGNORE_INDEX = -1
-# logits per chunk, at most: 128 MiB of float32. Smaller chunks save little more memory (the gradients, the
-# size of h and W, stay) and cost time: each chunk adds a pass over W and dL/dW, and thin matmuls run slowly
-# (measured on a 2-core CPU at V = 50304, C = 128: 64-row chunks ran at 0.4x the plain path, 512-row ones
-# at 1.0-1.3x; bench/bench_train.py)
-CHUNK_ELEMENTS = 1 << 25
+# one chunk's logits, at most: 128 MiB. Smaller chunks save little more memory (the gradients, the size of h and
+# W, stay) and cost time: each chunk adds a pass over W and dL/dW, and thin matmuls run slowly (measured on a
+# 2-core CPU at V = 50304, C = 128: 64-row chunks ran at 0.4x the plain path, 512-row ones at 1.0-1.3x;
+# bench/bench_train.py)
+CHUNK_BYTES = 128 << 20
+
+
+def on_cpu_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the chunks go through the CPU's C kernel (kernels/cross_entropy_cpu.py), which keeps the logits in
+    the matmul dtype and writes dL/dz over them, or through the PyTorch formula, which upcasts them to float32."""
+    return device_type == "cpu" and dtype in cross_entropy_cpu.SUFFIX and cross_entropy_cpu.available()
+
+
+def chunk_rows_for(n_rows: int, vocab: int, dtype: torch.dtype, device_type: str) -> int:
+    """Rows per chunk: equal chunks whose logits fit CHUNK_BYTES, at `dtype`'s size where the C kernel keeps them,
+    else at float32's (4 bytes each: the upcast copy, beside which the matmul's own output is briefly alive)."""
+    per_logit = dtype.itemsize if on_cpu_kernel(device_type, dtype) else 4
+    chunks = math.ceil(n_rows * vocab * per_logit / CHUNK_BYTES)
+    return max(1, math.ceil(n_rows / max(chunks, 1)))
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
@@ -56,8 +72,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     # the matmuls in the autocast dtype, as F.linear's would be; the casts happen per call inside, so that
     # dL/dW is summed in float32 and reaches a float32 weight without a round trip through bf16
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    chunks = math.ceil(hidden.size(0) * weight.size(0) / CHUNK_ELEMENTS)  # equal chunks, each within the budget
-    rows = chunk_rows or max(1, math.ceil(hidden.size(0) / max(chunks, 1)))
+    rows = chunk_rows or chunk_rows_for(hidden.size(0), weight.size(0), dtype, device_type)
     with torch.autocast(device_type, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, rows)
@@ -96,29 +111,36 @@ def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype
     inv_n = 1.0 / n.clamp(min=1).float()  # all ignored: every row's gradient is 0 anyway, as F.cross_entropy's
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+    grad_weight = None
+    c_kernel = on_cpu_kernel(hidden.device.type, dtype)
+    # one buffer for every chunk's logits, and one for its share of dL/dW: a fresh one per chunk would cost a
+    # CPU its page faults again each time (~30% of the logits' matmul at V = 50304)
+    logits = torch.empty(min(rows, hidden.size(0)), weight.size(0), dtype=dtype, device=hidden.device)
+    weight_part = torch.empty(weight.shape, dtype=dtype, device=hidden.device) if want_weight else None
     for start in range(0, hidden.size(0), rows):
         h, y, keep = hidden[start:start + rows].to(dtype), targets[start:start + rows], counted[start:start + rows]
-        z = dz = None  # drop the previous chunk's logits before making this one's: one chunk alive, not two
-        z = (h @ w.T).float()  # (rows, V): this chunk's logits, the only ones alive
-        y = y.clamp(min=0).unsqueeze(1)  # ignored rows point at token 0; `keep` zeroes their terms
-        z_y = z.gather(1, y)
-        # logsumexp by hand, in place: torch.logsumexp would allocate two more (rows, V) temporaries
-        # (z - max, and its exp); here z itself becomes exp(z - max), then the softmax
-        z_max = z.amax(dim=1, keepdim=True)
-        sum_exp = z.sub_(z_max).exp_().sum(dim=1, keepdim=True)
-        lse = z_max + sum_exp.log()
-        total += ((lse - z_y).squeeze(1) * keep).sum()
-        if not (want_hidden or want_weight):
+        z = torch.mm(h, w.T, out=logits[: h.size(0)])  # (rows, V): this chunk's logits
+        y = y.clamp(min=0)  # ignored rows point at token 0; their weight 0 zeroes their terms
+        scale = keep * inv_n  # dL/dz's factor per row: 1/n, and 0 for ignored rows
+        grad = want_hidden or want_weight
+        if c_kernel:  # the C kernel: dL/dz overwrites z, in the matmul dtype
+            row_loss, dz = cross_entropy_cpu.rows_cpu(z, y, scale, grad), z
+        else:  # the same formula in PyTorch ops (kernels/cross_entropy_cpu.py): float32, then the matmul dtype
+            row_loss, dz = cross_entropy_cpu.rows_reference(z, y, scale, grad)
+            dz = None if dz is None else dz.to(dtype)  # as autograd's cast of the float32 logits' gradient would
+        total += (row_loss * keep).sum()
+        if not grad:
             continue
-        dz = z.div_(sum_exp)  # softmax p = exp(z - max) / sum exp(z - max), in place: z is not needed again
-        dz.scatter_add_(1, y, torch.full_like(y, -1, dtype=dz.dtype))  # p - onehot(y)
-        dz.mul_(keep.unsqueeze(1) * inv_n)  # / n, and 0 for ignored rows
-        dz = dz.to(dtype)  # the matmul dtype, as autograd's cast of the float32 logits' gradient would
         if want_hidden:
             grad_hidden[start:start + rows] = dz @ w
-        if want_weight:
-            grad_weight += dz.T @ h  # summed in float32 over the chunks
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
+        if want_weight:  # summed in float32 over the chunks
+            part = torch.mm(dz.T, h, out=weight_part)
+            if grad_weight is None:
+                grad_weight = part.to(torch.float32, copy=True)
+            else:
+                grad_weight += part
+        dz = None  # the float32 copy of the reference path: freed before the next chunk's logits
+    if want_weight:
+        grad_weight = (torch.zeros_like(weight, dtype=torch.float32) if grad_weight is None else grad_weight
+                       ).to(weight.dtype)
     return total / n, grad_hidden, grad_weight

@@ -27,6 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from nanoft.config import Config
 from nanoft.model.chunked_loss import linear_cross_entropy
 
+# sequence length up to which bf16 attention on a CPU runs in float32: fwd + bwd at 16 x 4 heads x 64, measured
+# on 2 cores: T = 64 2.6x faster in float32, T = 128 1.7x, T = 256 even, T = 512 0.88x (bench/bench_attention.py)
+CPU_FLOAT32_ATTENTION_UP_TO = 256
+
 
 def causal_mask(T_q: int, T_k: int, device: torch.device | str | None = None) -> Tensor:
     """(T_q, T_k) booleans, True where a query may look. The queries are the last T_q of the T_k positions
@@ -52,6 +56,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sdpa: boo
     # is_causal lets query i see keys 0..i, right when T_q == T_k; a single query (a cached generation step) is the
     # newest position and sees every key; otherwise (a prefix, or several new tokens after a cache) an explicit mask
     mask = None if T_q in (1, T_k) else causal_mask(T_q, T_k, q.device)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T_k <= CPU_FLOAT32_ATTENTION_UP_TO:
+        # torch's CPU flash attention runs short bf16 sequences at half its float32 speed: there float32 is faster,
+        # and exact to more bits (bench/bench_attention.py)
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=T_q == T_k)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=T_q == T_k)
 
 

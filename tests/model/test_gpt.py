@@ -50,6 +50,26 @@ def test_sdpa_equals_explicit_attention():
     torch.testing.assert_close(attn(x), attn.out_proj(y), rtol=1e-5, atol=1e-5)
 
 
+def test_short_bf16_attention_on_a_cpu_runs_in_float32():
+    """Up to CPU_FLOAT32_ATTENTION_UP_TO positions, bf16 q, k, v are attended in float32 (faster there, and closer
+    to the exact result: the float64 attention), rounded to bf16 once at the end; beyond it, in bf16."""
+    from nanoft.model.gpt import CPU_FLOAT32_ATTENTION_UP_TO, attention
+
+    torch.manual_seed(0)
+    for T in (CPU_FLOAT32_ATTENTION_UP_TO, 2 * CPU_FLOAT32_ATTENTION_UP_TO):
+        q, k, v = (torch.randn(1, 2, T, 16).bfloat16() for _ in range(3))
+        got = attention(q, k, v)
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+        upcast = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+        assert got.dtype == torch.bfloat16
+        if T <= CPU_FLOAT32_ATTENTION_UP_TO:
+            assert torch.equal(got, upcast)
+            assert (got.double() - exact).abs().max() <= (F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                                                          .double() - exact).abs().max()
+        else:
+            assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_the_models_written_out_attention_path_equals_sdpa():
     torch.manual_seed(0)
     model = GPT(CFG).eval()

@@ -41,6 +41,11 @@ class Run:
     cfg: Config
     device: str  # "cpu" | "cuda" | "mps"
     act_bytes: int  # bytes per element of autocast activations: 4 (fp32) or 2 (bf16/fp16)
+    act_dtype: str = ""  # their dtype's name ("bfloat16"...); "" reads act_bytes as float32 or bfloat16
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.act_dtype) if self.act_dtype else {4: torch.float32, 2: torch.bfloat16}[self.act_bytes]
 
     @staticmethod
     def from_config(cfg: Config, cuda_available: bool = False) -> Run:
@@ -50,7 +55,7 @@ class Run:
             gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
             dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device, cfg.n_embd)).removeprefix("torch.")
         pairs = method_of(cfg).data == "preferences"  # a batch of B preference pairs is 2B rows (chosen, rejected)
-        return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
+        return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype], dtype)
 
     @property
     def mode(self) -> str:  # which weights train: "full", "lora", "qlora", "prefix" or "adapter" (the method table)

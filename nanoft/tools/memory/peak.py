@@ -3,9 +3,7 @@ of the moments when temporaries join them, the optimizer's scratch included. Not
 """
 from __future__ import annotations
 
-import math
-
-from nanoft.model.chunked_loss import CHUNK_ELEMENTS
+from nanoft.model.chunked_loss import chunk_rows_for, on_cpu_kernel
 from nanoft.optim import optimizer_class
 from nanoft.tools.memory.estimate import Run, activation_bytes, static_bytes, trainable_and_frozen
 from nanoft.tools.memory.shape import ModelShape, ParamSpec
@@ -27,7 +25,8 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     Between steps memory holds parameters and optimizer states (gradients too while micro-batches accumulate:
     zero_grad(set_to_none) frees them after step()) and the batch; the chunked loss leaves no logits behind.
     On top of that, the peak is the largest of:
-      loss forward     all activations + one chunk's float32 logits, the softmax made in place (nanoft.model.chunked_loss)
+      loss forward     all activations + one chunk's logits (nanoft.model.chunked_loss): on a CPU in the compute dtype,
+                       dL/dz written over them; elsewhere upcast to float32 too, the softmax made in place
       head backward    all activations + the loss's two saved gradients, scaled into new tensors
       block recompute  (checkpointing) the block inputs + one block's activations + the gradients flowing through
       end of backward  every gradient + the embedding's dense gradient, before it is added into .grad
@@ -41,7 +40,9 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     trainable, _ = trainable_and_frozen(shape, run)
     s = run.act_bytes
     logits = 0  # the chunked loss holds no logits between steps: at most one chunk's, during forward
-    rows = math.ceil(N / math.ceil(N * V / CHUNK_ELEMENTS)) if shape.arch != "nominal" else 0
+    c_kernel = on_cpu_kernel(run.device, run.compute_dtype)
+    rows = chunk_rows_for(N, V, run.compute_dtype, run.device) if shape.arch != "nominal" else 0
+    chunk_logits = rows * V * s if c_kernel else rows * V * 4 + (rows * V * s if s < 4 else 0)
     batch = 2 * N * 8 if shape.arch != "nominal" else 0
     # on a CPU the host is the device: a paged optimizer's states are in the same memory
     base = st["params"] + st["frozen_model"] + st["states"] + (st["states_host"] if run.device == "cpu" else 0) + logits + batch
@@ -49,13 +50,11 @@ def peak_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     head_grad = V * C * 4 if run.mode == "full" and shape.arch != "nominal" else 0
     head_elem = 4 if run.mode == "full" else run.frozen_bytes  # the head weight's dtype: autocast casts it if it differs
     fwd, head_saved = act["forward"], N * C * 4 + head_grad  # the loss's two gradients, made in its forward
-    moments = {  # one chunk: its float32 logits (+ under autocast the head's cast and the chunk's bf16 logits,
-        # alive while they are upcast); the softmax is computed in place
-        # and, when the head trains, the chunk's share of dL/dW before it is added to the float32 sum (under
-        # autocast that add upcasts it into a float32 temporary first)
-        "loss forward (one chunk)": g_prev + fwd + rows * V * 4 + (rows * V * s if s < 4 else 0)
+    moments = {  # one chunk: its logits (+ under autocast the head's cast), and, when the head trains, the chunk's
+        # share of dL/dW beside their float32 sum
+        "loss forward (one chunk)": g_prev + fwd + chunk_logits
         + (V * C * s if s < 4 and head_elem != s else 0)
-        + ((V * C * (s + (4 if s < 4 else 0))) if head_grad else 0),
+        + (V * C * s if head_grad else 0),  # the chunk's share of dL/dW, in the compute dtype
         "head backward": g_prev + fwd + head_saved,  # the saved gradients, scaled by dL/dloss into new tensors
         "end of backward": st["grads"] + head_grad,  # the embedding's dense gradient, before it is added in
         "optimizer step": st["grads"] + scratch_bytes(trainable, run),
