@@ -66,6 +66,7 @@ static uint16_t f32_to_bf16(float f) { /* rounding to nearest even, as torch's .
             T *row = z + r * V;                                                                            \
             float m = -__builtin_inff();                                                                   \
             int nan = 0;                                                                                   \
+            _Pragma("omp simd reduction(max:m) reduction(|:nan)")                                          \
             for (int64_t j = 0; j < V; j++) {                                                              \
                 float v = f32_from_##SUFFIX(row[j]);                                                       \
                 buf[j] = v;                                                                                \
