@@ -20,7 +20,17 @@ import tempfile
 def build_library(prefix: str, source: str, flags: list[str], link: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The library compiled from `source` with `flags` (and `link`, after the source), loaded; built only when
     its cache file is missing. RuntimeError when there is no compiler or it fails (its first error line);
-    OSError when the compiler cannot be run."""
+    OSError when the compiler cannot be run. A compiler without OpenMP (Apple's clang) builds it without
+    -fopenmp: its `#pragma omp` lines are then ignored and it runs on one thread."""
+    try:
+        return _build(prefix, source, flags, link)
+    except RuntimeError:
+        if "-fopenmp" not in flags:
+            raise
+        return _build(prefix, source, [f for f in flags if f != "-fopenmp"], link)
+
+
+def _build(prefix: str, source: str, flags: list[str], link: tuple[str, ...]) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang; or $CC) on PATH")

@@ -17,8 +17,9 @@ use dz run): two trips through memory instead of ~10.
 exp is glibc's vectorised expf (libmvec, within 4 ulp: the compiler calls its 16-wide AVX-512 form), so the
 result is within a few float32 ulps of the reference, not bit for bit (tests/kernels/test_cross_entropy_cpu.py
 bounds it against the reference and torch's F.cross_entropy). A row holding a NaN gets a NaN loss, as
-torch's amax would give, so train.py's non-finite guard still sees it. Rows are split over the torch threads
-(kernels/_threads.py). Without a C compiler (or glibc's libmvec) `available()` is False and the reference runs.
+torch's amax would give, so train.py's non-finite guard still sees it. Rows are split over torch's own OpenMP
+threads (kernels/nf4_cpu.py says how). Without a C compiler (or glibc's libmvec) `available()` is False and the
+reference runs.
 """
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ import torch
 from torch import Tensor
 
 from ._cc import build_library
-from ._threads import in_threads
 
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-ROWS_PER_THREAD = 16  # rows of 50304 logits: below 16 a second thread costs more than it saves
+PARALLEL_FROM = 1 << 18  # logits from which a call runs on every torch thread (OpenMP); below, one thread
 
-C_SOURCE = r"""
+C_SOURCE = f"#define PARALLEL_FROM {PARALLEL_FROM}\n" + r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* glibc's libmvec: with this declaration the compiler may call its vector forms (16 floats with AVX-512) */
@@ -58,11 +59,19 @@ static uint16_t f32_to_bf16(float f) { /* rounding to nearest even, as torch's .
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* rows [first, last) of z (row-major, V per row); buf: V floats of this thread's own */
+/* rows [first, last) of z (row-major, V per row), split over torch's OpenMP threads when there are enough;
+   each thread has its own float32 buffer of one row */
 #define ROWS(SUFFIX, T)                                                                                      \
-    void xent_rows_##SUFFIX(T *z, const int64_t *targets, const float *scale, float *loss, float *buf,      \
-                            int64_t V, int64_t first, int64_t last, int grad) {                             \
+    int xent_rows_##SUFFIX(T *z, const int64_t *targets, const float *scale, float *loss, int64_t V,        \
+                           int64_t first, int64_t last, int grad) {                                         \
+        int failed = 0;                                                                                    \
+        _Pragma("omp parallel if ((last - first) * V >= PARALLEL_FROM) reduction(|:failed)")               \
+        {                                                                                                  \
+        float *buf = malloc(V * sizeof(float));                                                            \
+        failed |= buf == NULL;                                                                             \
+        _Pragma("omp for schedule(static)")                                                                \
         for (int64_t r = first; r < last; r++) {                                                           \
+            if (buf == NULL) continue;                                                                     \
             T *row = z + r * V;                                                                            \
             float m = -__builtin_inff();                                                                   \
             int nan = 0;                                                                                   \
@@ -87,6 +96,9 @@ static uint16_t f32_to_bf16(float f) { /* rounding to nearest even, as torch's .
             for (int64_t j = 0; j < V; j++) row[j] = f32_to_##SUFFIX(buf[j] / sum * s);                    \
             row[y] = f32_to_##SUFFIX((buf[y] / sum - 1.0f) * s);                                           \
         }                                                                                                  \
+        free(buf);                                                                                         \
+        }                                                                                                  \
+        return failed;                                                                                     \
     }
 ROWS(f32, float)
 ROWS(bf16, uint16_t)
@@ -100,8 +112,9 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = build_library("xent_cpu_", C_SOURCE, FLAGS, link=("-lm",))
             for suffix in SUFFIX.values():
-                getattr(lib, f"xent_rows_{suffix}").argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
-                    ctypes.c_int]
+                kernel = getattr(lib, f"xent_rows_{suffix}")
+                kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                kernel.restype = ctypes.c_int
             _LIBRARY.append(lib)
         except (OSError, RuntimeError) as e:
             warnings.warn(f"nanoft: the CPU cross-entropy uses the slower PyTorch reference ({e})", stacklevel=3)
@@ -130,15 +143,9 @@ def rows_cpu(z: Tensor, targets: Tensor, scale: Tensor, grad: bool) -> Tensor:
     if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < z.size(1):
         raise ValueError(f"rows_cpu: targets must be in [0, {z.size(1)})")  # C would read outside the row
     loss = torch.empty(z.size(0), dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), z.size(0) // ROWS_PER_THREAD))
-    buffers = torch.empty(threads, z.size(1), dtype=torch.float32)
     kernel = getattr(_library(), f"xent_rows_{SUFFIX[z.dtype]}")
-    ptrs = (z.data_ptr(), targets.data_ptr(), scale.data_ptr(), loss.data_ptr())
-
-    def work(part: int, first: int, last: int) -> None:
-        kernel(*ptrs, buffers[part].data_ptr(), z.size(1), first, last, int(grad))
-
-    in_threads(work, z.size(0), threads)
+    if kernel(z.data_ptr(), targets.data_ptr(), scale.data_ptr(), loss.data_ptr(), z.size(1), 0, z.size(0), int(grad)):
+        raise MemoryError(f"rows_cpu: no memory for a row buffer of {z.size(1)} floats")
     return loss
 
 

@@ -274,22 +274,28 @@ def quantize_nf4(x: Tensor, blocksize: int = 64, double_quant: bool = False, bac
     return state
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: triton.cdiv is a JIT function, ~5 us a call, and this runs on every
+    dequantize (a 768x768 weight's whole dequantize on a CPU takes ~60 us)."""
+    return -(-a // b)
+
+
 def _check_state(q: NF4State) -> None:
     if not isinstance(q, NF4State):
         raise TypeError(f"expected an NF4State, got {type(q).__name__}")
     check_blocksize(q.blocksize)
-    n, num_blocks = q.numel, triton.cdiv(q.numel, q.blocksize)
-    if q.packed.dtype != torch.uint8 or q.packed.numel() != triton.cdiv(n, 2):
-        raise ValueError(f"packed must be uint8 with {triton.cdiv(n, 2)} bytes for shape {tuple(q.shape)}, "
+    n, num_blocks = q.numel, _cdiv(q.numel, q.blocksize)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != _cdiv(n, 2):
+        raise ValueError(f"packed must be uint8 with {_cdiv(n, 2)} bytes for shape {tuple(q.shape)}, "
                          f"got {q.packed.dtype} with {q.packed.numel()}")
     want = torch.uint8 if q.double_quant else torch.float32
     if q.absmax.dtype != want or q.absmax.numel() != num_blocks:
         raise ValueError(f"absmax must be {want} with {num_blocks} values, got {q.absmax.dtype} "
                          f"with {q.absmax.numel()}")
     if q.double_quant and (q.offset is None or q.offset.numel() != 1
-                           or q.nested_absmax.numel() != triton.cdiv(num_blocks, NESTED_BLOCKSIZE)):
+                           or q.nested_absmax.numel() != _cdiv(num_blocks, NESTED_BLOCKSIZE)):
         raise ValueError("double-quantized state needs a scalar offset and "
-                         f"{triton.cdiv(num_blocks, NESTED_BLOCKSIZE)} nested absmax values")
+                         f"{_cdiv(num_blocks, NESTED_BLOCKSIZE)} nested absmax values")
 
 
 def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str = "auto") -> Tensor:
@@ -319,18 +325,22 @@ def dequantize_nf4(q: NF4State, dtype: torch.dtype | None = None, backend: str =
 
 
 def _dequantize_on_cpu(q: NF4State, dtype: torch.dtype, nf4: Tensor, pairs: Tensor) -> Tensor:
-    """The C kernel of kernels/nf4_cpu.py for the whole blocks; a short last block by the reference's formula."""
+    """The C kernel of kernels/nf4_cpu.py for the whole blocks (a double-quantized absmax rebuilt in the same pass);
+    a short last block by the reference's formula."""
     n, bs = q.numel, q.blocksize
     full = n // bs * bs
-    absmax = q.absmax.contiguous()  # float32 [num_blocks]
-    if q.double_quant:
-        absmax = nf4_cpu.double_quant_absmax(absmax, q.nested_absmax.contiguous(), dynamic_map_on(q.device),
-                                             q.offset, NESTED_BLOCKSIZE)
     out = torch.empty(n, dtype=dtype)
-    nf4_cpu.dequantize_nf4_cpu(q.packed.contiguous(), absmax[: full // bs], bs, nf4, out)  # out[:full]
+    stats = None
+    if q.double_quant:
+        stats = (q.nested_absmax.contiguous(), dynamic_map_on(q.device), q.offset.item(), NESTED_BLOCKSIZE)
+    nf4_cpu.dequantize_nf4_cpu(q.packed.contiguous(), q.absmax.contiguous()[: full // bs], bs, nf4, out, stats)
     if full < n:
+        absmax = q.absmax[-1:].float()
+        if q.double_quant:
+            absmax = nf4_cpu.double_quant_absmax(q.absmax.contiguous(), q.nested_absmax.contiguous(),
+                                                 dynamic_map_on(q.device), q.offset, NESTED_BLOCKSIZE)[-1:]
         tail = pairs.index_select(0, q.packed[full // 2:].int()).view(torch.float32)[: n - full]
-        out[full:] = (tail * absmax[-1]).to(dtype)
+        out[full:] = (tail * absmax).to(dtype)
     return out.view(q.shape)
 
 

@@ -27,26 +27,27 @@ spinning threads than the work), and a dequantize output of 8 MB or more asks Li
 a fresh output's first-touch page faults cost more than the arithmetic (advise_huge_pages).
 
 The C source below is compiled once per machine with the system C compiler (kernels/_cc.py) and loaded with
-ctypes. Without a working
-compiler `available()` is False and nanoft uses the reference (with one warning). Large tensors are split
-into one range of blocks per torch thread (torch.get_num_threads(); kernels/_threads.py).
+ctypes. Without a working compiler `available()` is False and nanoft uses the reference (with one warning).
+A call of PARALLEL_FROM elements or more splits its blocks over torch's own threads: the library is built with
+OpenMP, and the loader gives it the OpenMP runtime torch has already loaded (libgomp.so.1), so those are torch's
+threads, as many as torch.get_num_threads(), already awake after torch's last parallel op (bitsandbytes' CPU
+kernels share them the same way). Python threads woke a millisecond or two late on a busy machine, as long
+as a whole call. A compiler without OpenMP builds it without (kernels/_cc.py): one thread.
 """
 import ctypes
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._cc import build_library
-from ._threads import in_threads
 
-ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
+PARALLEL_FROM = 1 << 18  # elements from which a call runs on every torch thread (OpenMP); below, one thread
 HUGE_PAGES_FROM = 8 << 20  # output bytes from which dequantize asks for 2 MB pages (see advise_huge_pages)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: every product rounded alone
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]  # no FMA: each product rounded alone
 SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
-C_SOURCE = r"""
+C_SOURCE = f"#define PARALLEL_FROM {PARALLEL_FROM}\n" + r"""
 #include <stdint.h>
 #include <string.h>
 #ifdef __linux__
@@ -71,6 +72,15 @@ static float bf16_value(uint16_t bits) {
     return f;
 }
 
+/* A block's absmax: stored as float32, or (double quantization: codes != NULL) rebuilt from its 8-bit code,
+   code[codes[b]] * nested[b / nested_blocksize] + offset, each step rounded to float32 as the reference does */
+static inline float block_absmax(const float *absmax, const uint8_t *codes, const float *nested, const float *code,
+                                 float offset, int64_t nested_blocksize, int64_t b) {
+    if (codes == NULL) return absmax[b];
+    float scaled = code[codes[b]] * nested[b / nested_blocksize];
+    return scaled + offset;
+}
+
 #ifdef __AVX512F__
 static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
     __m512i u = _mm512_castps_si512(v);
@@ -85,15 +95,18 @@ static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
     _mm256_storeu_si256((__m256i *)(o), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define STORE_bf16(o, v) _mm256_storeu_si256((__m256i *)(o), _mm512_cvtepi32_epi16(bf16_bits16(v)))
 
+#define ABSMAX(b) block_absmax(absmax, codes, nested, code, offset, nested_blocksize, (b))
 /* blocks [first, last); blocksize / 2 is a multiple of 16 (blocksize >= 32) */
 #define DEQUANTIZE(SUFFIX, T, CONVERT)                                                                       \
-    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const float *nf4, T *out,          \
-                             int64_t blocksize, int64_t first, int64_t last) {                              \
+    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const uint8_t *codes,             \
+                             const float *nested, const float *code, float offset, int64_t nested_blocksize,\
+                             const float *nf4, T *out, int64_t blocksize, int64_t first, int64_t last) {    \
         const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);     \
         const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);\
         const __m512 values = _mm512_loadu_ps(nf4);                                                        \
+        _Pragma("omp parallel for schedule(static) if ((last - first) * blocksize >= PARALLEL_FROM)")      \
         for (int64_t b = first; b < last; b++) {                                                           \
-            const __m512 table = _mm512_mul_ps(values, _mm512_set1_ps(absmax[b]));                         \
+            const __m512 table = _mm512_mul_ps(values, _mm512_set1_ps(ABSMAX(b)));                         \
             const uint8_t *p = packed + b * (blocksize / 2);                                               \
             T *o = out + b * blocksize;                                                                    \
             for (int64_t j = 0; j < blocksize / 2; j += 16) {                                              \
@@ -107,11 +120,13 @@ static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
     }
 #else
 #define DEQUANTIZE(SUFFIX, T, CONVERT)                                                                       \
-    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const float *nf4, T *out,          \
-                             int64_t blocksize, int64_t first, int64_t last) {                              \
+    void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const uint8_t *codes,             \
+                             const float *nested, const float *code, float offset, int64_t nested_blocksize,\
+                             const float *nf4, T *out, int64_t blocksize, int64_t first, int64_t last) {    \
+        _Pragma("omp parallel for schedule(static) if ((last - first) * blocksize >= PARALLEL_FROM)")      \
         for (int64_t b = first; b < last; b++) {                                                           \
             T table[16];                                                                                   \
-            for (int k = 0; k < 16; k++) table[k] = CONVERT(nf4[k] * absmax[b]);                           \
+            for (int k = 0; k < 16; k++) table[k] = CONVERT(nf4[k] * ABSMAX(b));                           \
             const uint8_t *p = packed + b * (blocksize / 2);                                               \
             T *o = out + b * blocksize;                                                                    \
             for (int64_t j = 0; j < blocksize / 2; j++) {                                                  \
@@ -150,11 +165,12 @@ void advise_huge_pages(void *p, int64_t bytes) {
 #define QUANTIZE(SUFFIX, T, TO_FLOAT)                                                                        \
     void quantize_##SUFFIX(const T *x, const float *midpoints, float floor, uint8_t *packed, float *absmax,  \
                            int64_t blocksize, int64_t first, int64_t last) {                                \
-        float y[4096], mid[15];                                                                            \
-        uint8_t code[4096];                                                                                \
+        float mid[15];                                                                                     \
         memcpy(mid, midpoints, sizeof(mid)); /* a local copy: the compiler may keep it in registers */    \
+        _Pragma("omp parallel for schedule(static) if ((last - first) * blocksize >= PARALLEL_FROM)")      \
         for (int64_t b = first; b < last; b++) {                                                           \
-            float m = 0.0f;                                                                                \
+            float y[4096], m = 0.0f; /* each thread's own: declared in the loop */                         \
+            uint8_t code[4096];                                                                            \
             int nan = 0;                                                                                   \
             for (int64_t i = 0; i < blocksize; i++) {                                                      \
                 y[i] = TO_FLOAT(x[b * blocksize + i]);                                                     \
@@ -187,7 +203,7 @@ def _build() -> ctypes.CDLL:
     lib = build_library("nf4_cpu_", C_SOURCE, FLAGS)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for suffix in SUFFIX.values():
-        getattr(lib, f"dequantize_{suffix}").argtypes = [pointer] * 4 + [size] * 3
+        getattr(lib, f"dequantize_{suffix}").argtypes = [pointer] * 5 + [ctypes.c_float, size, pointer, pointer] + [size] * 3
         getattr(lib, f"quantize_{suffix}").argtypes = [pointer, pointer, ctypes.c_float, pointer, pointer] + [size] * 3
     lib.double_quant_absmax.argtypes = [pointer] * 3 + [ctypes.c_float, pointer, size, size]
     lib.advise_huge_pages.argtypes = [pointer, size]
@@ -209,13 +225,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def _split(work: Callable[[int, int], None], num_blocks: int, blocksize: int) -> None:
-    """work(first, last) over ranges of range(num_blocks), one per torch thread, each at least
-    ELEMENTS_PER_THREAD elements (kernels/_threads.py)."""
-    threads = min(torch.get_num_threads(), num_blocks * blocksize // ELEMENTS_PER_THREAD)
-    in_threads(lambda part, first, last: work(first, last), num_blocks, threads)
-
-
 def quantize_nf4_cpu(flat: Tensor, blocksize: int, midpoints: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """The whole blocks of `flat` (1-D, contiguous): (packed uint8 [blocks * blocksize / 2], absmax float32
     [blocks]), as the reference computes them; an absmax is NaN or inf where its block holds one."""
@@ -224,20 +233,30 @@ def quantize_nf4_cpu(flat: Tensor, blocksize: int, midpoints: Tensor, floor: flo
     absmax = torch.empty(num_blocks, dtype=torch.float32)
     kernel = getattr(_library(), f"quantize_{SUFFIX[flat.dtype]}")
     args = (flat.data_ptr(), midpoints.data_ptr(), floor, packed.data_ptr(), absmax.data_ptr(), blocksize)
-    _split(lambda first, last: kernel(*args, first, last), num_blocks, blocksize)
+    kernel(*args, 0, num_blocks)
     return packed, absmax
 
 
-def dequantize_nf4_cpu(packed: Tensor, absmax: Tensor, blocksize: int, nf4: Tensor, out: Tensor) -> None:
-    """out[: len(absmax) * blocksize] (1-D, contiguous) = NF4[code] * absmax[block], rounded once to out's dtype,
-    for the whole blocks of `packed` (uint8, contiguous) with float32 `absmax` (contiguous)."""
+def dequantize_nf4_cpu(packed: Tensor, absmax: Tensor, blocksize: int, nf4: Tensor, out: Tensor,
+                       double_quant: tuple[Tensor, Tensor, Tensor, int] | None = None) -> None:
+    """out[: blocks * blocksize] (1-D, contiguous) = NF4[code] * absmax[block], rounded once to out's dtype, for
+    the whole blocks of `packed` (uint8, contiguous). absmax: float32 (contiguous), or with `double_quant` =
+    (nested_absmax, the 256-entry code, offset, nested_blocksize) its uint8 codes, each block's absmax rebuilt
+    in the same pass (double_quant_absmax's formula)."""
     if not (packed.numel() * 2 >= absmax.numel() * blocksize <= out.numel() and out.is_contiguous()):
         raise ValueError("dequantize_nf4_cpu: packed or out is smaller than the blocks of absmax")  # C would overrun
-    kernel = getattr(_library(), f"dequantize_{SUFFIX[out.dtype]}")
-    args = (packed.data_ptr(), absmax.data_ptr(), nf4.data_ptr(), out.data_ptr(), blocksize)
+    lib = _library()
     if out.numel() * out.element_size() >= HUGE_PAGES_FROM:
-        _library().advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    _split(lambda first, last: kernel(*args, first, last), absmax.numel(), blocksize)
+        lib.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+    if double_quant is None:
+        stats = (absmax.data_ptr(), None, None, None, 0.0, 1)
+    else:
+        nested, code, offset, nested_blocksize = double_quant
+        if nested.numel() * nested_blocksize < absmax.numel() or code.numel() != 256:
+            raise ValueError("dequantize_nf4_cpu: nested_absmax or code is too small for the blocks")
+        stats = (None, absmax.data_ptr(), nested.data_ptr(), code.data_ptr(), offset, nested_blocksize)
+    getattr(lib, f"dequantize_{SUFFIX[out.dtype]}")(packed.data_ptr(), *stats, nf4.data_ptr(), out.data_ptr(),
+                                                     blocksize, 0, absmax.numel())
 
 
 def double_quant_absmax(codes: Tensor, nested_absmax: Tensor, code: Tensor, offset: Tensor, nested_blocksize: int

@@ -49,7 +49,7 @@ def test_the_gpt_loads_no_checkpoint_distributed_download_or_hugging_face_code()
     code = "import sys, nanoft.model; print(' '.join(sorted(m for m in sys.modules if m.startswith('nanoft'))))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=ROOT).stdout.split())
-    kernels = {"nanoft.kernels", "nanoft.kernels._cc", "nanoft.kernels._threads", "nanoft.kernels._triton",
+    kernels = {"nanoft.kernels", "nanoft.kernels._cc", "nanoft.kernels._triton",
                "nanoft.kernels.blockwise8", "nanoft.kernels.nf4", "nanoft.kernels.nf4_cpu",
                "nanoft.kernels.cross_entropy_cpu"}  # the bottom layer: the loss's CPU kernel and the package's others
     assert loaded == {"nanoft", "nanoft.config", "nanoft.model", "nanoft.model.gpt", "nanoft.model.chunked_loss",

@@ -46,7 +46,7 @@ def test_the_c_kernel_builds_where_there_is_a_compiler():
 def test_large_tensor_split_across_threads_equals_reference(two_threads):
     torch.manual_seed(0)
     x = torch.randn(1031, 2049) * 0.02  # 2.1M elements: two threads; odd numel, a short last block
-    assert x.numel() > 2 * nf4_cpu.ELEMENTS_PER_THREAD and x.numel() % 64
+    assert x.numel() > 2 * nf4_cpu.PARALLEL_FROM and x.numel() % 64
     for dtype in DTYPES:
         assert_kernel_equals_reference(x.to(dtype), 64, double_quant=dtype != torch.float16)
 
