@@ -80,6 +80,7 @@ static inline float block_absmax(const float *absmax, const uint8_t *codes, cons
     float scaled = code[codes[b]] * nested[b / nested_blocksize];
     return scaled + offset;
 }
+#define ABSMAX(b) block_absmax(absmax, codes, nested, code, offset, nested_blocksize, (b))
 
 #ifdef __AVX512F__
 static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
@@ -95,7 +96,6 @@ static __m512i bf16_bits16(__m512 v) { /* bf16_bits on 16 floats at once */
     _mm256_storeu_si256((__m256i *)(o), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define STORE_bf16(o, v) _mm256_storeu_si256((__m256i *)(o), _mm512_cvtepi32_epi16(bf16_bits16(v)))
 
-#define ABSMAX(b) block_absmax(absmax, codes, nested, code, offset, nested_blocksize, (b))
 /* blocks [first, last); blocksize / 2 is a multiple of 16 (blocksize >= 32) */
 #define DEQUANTIZE(SUFFIX, T, CONVERT)                                                                       \
     void dequantize_##SUFFIX(const uint8_t *packed, const float *absmax, const uint8_t *codes,             \

@@ -73,10 +73,22 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     # dL/dW is summed in float32 and reaches a float32 weight without a round trip through bf16
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     rows = chunk_rows or chunk_rows_for(hidden.size(0), weight.size(0), dtype, device_type)
-    with torch.autocast(device_type, enabled=False):
+    if on_cpu_kernel(device_type, dtype):  # under torch.compile: left to eager, as one piece (_run_eagerly)
+        return _run_eagerly(hidden, weight, targets, dtype, rows)
+    return _run(hidden, weight, targets, dtype, rows)
+
+
+def _run(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, rows)
         return _chunked(hidden, weight, targets, dtype, rows, want_hidden=False, want_weight=False)[0]
+
+
+# The C kernel is a ctypes call, which torch.compile cannot trace: it would split the loss into ~7 graphs around
+# it, each compiled and called separately. Disabled here, a compiled model runs the whole loss eagerly (one
+# graph break), and inductor has nothing to fuse in it that the kernel has not already fused.
+_run_eagerly = torch.compiler.disable(_run)
 
 
 def reference_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:

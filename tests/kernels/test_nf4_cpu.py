@@ -105,8 +105,9 @@ def test_portable_c_without_avx512_equals_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_cpu, "_LIBRARY", [])
     monkeypatch.setattr(nf4_cpu, "FLAGS", [f for f in nf4_cpu.FLAGS if f != "-march=native"])
     monkeypatch.setenv("NANOFT_CACHE", str(tmp_path))
-    if not nf4_cpu.available():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here")
+    assert nf4_cpu.available()  # a portable build that fails to load must fail here, not fall back quietly
     for blocksize in (32, 4096):
         test_edge_values_equal_reference(blocksize)
     torch.manual_seed(2)
