@@ -138,12 +138,13 @@ def decode(data: np.ndarray, how: str) -> Tensor:
     return t.float() if how in ("f32", "f16") else GGML_BLOCKS[how].dequantize(t)
 
 
-def as_stored(weights: dict[str, Tensor], cfg: Config, type: str) -> dict[str, Tensor]:
-    """The GGUF tensors (by GGUF name) as a file of this type holds them, read back to float32: what llama.cpp and
-    transformers compute with."""
-    tensors = to_gguf_tensors(weights, cfg)
-    return {n: decode(encode(t, how), how) for n, t in tensors.items()
-            for how in [storage(n, t, TYPES[type], cfg.tie_embeddings)]}
+def weight_bytes(cfg: Config, type: str) -> int:
+    """Bytes of a GGUF's tensors for a model of this Config (the file adds its header, GPT-2's tokenizer (1.8 MB:
+    100,000 strings) and alignment padding): what `python -m nanoft memory` lists beside the other quantized formats."""
+    with torch.device("meta"):  # shapes only
+        tensors = to_gguf_tensors(GPT(cfg).state_dict(), cfg)
+    size = {"f32": 4, "f16": 2, **{name: f.block_bytes / BLOCK for name, f in GGML_BLOCKS.items()}}
+    return int(sum(t.numel() * size[storage(n, t, TYPES[type], cfg.tie_embeddings)] for n, t in tensors.items()))
 
 
 # --- the tokenizer ----------------------------------------------------------------------------------------

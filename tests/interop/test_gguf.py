@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanoft.config import Config
 from nanoft.data.tokenizer import get_tokenizer
-from nanoft.interop.gguf import GPT2_VOCAB, TYPES, from_reader, load_gguf, storage
+from nanoft.interop.gguf import GPT2_VOCAB, TYPES, from_reader, load_gguf, storage, weight_bytes
 from nanoft.model import GPT
 from nanoft.peft.lora_model import adapter_config, adapter_state_dict, apply_lora, lora_modules
 from nanoft.run import checkpoint
@@ -30,8 +30,12 @@ REL_TOL = 1e-5  # of the largest logit: float32 sums in another order (tests/int
 TEXT = "ROMEO: What's this?\n\n  Über 123 naïve façade,\tdon't  stop — 東京 🙂 <|end"
 
 
+def random_cfg(tied: bool, **keys) -> Config:
+    return Config(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0, tie_embeddings=tied, **keys)
+
+
 def random_run(out: Path, tied: bool, seed: int = 0) -> GPT:
-    cfg = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0, tie_embeddings=tied, out_dir=str(out))
+    cfg = random_cfg(tied, out_dir=str(out))
     torch.manual_seed(seed)
     model = GPT(cfg).eval()
     with torch.no_grad():
@@ -152,6 +156,8 @@ def test_what_is_stored_how_follows_llama_cpp(files):
     embedding = torch.zeros(GPT2_VOCAB, 64)  # tied, token_embd is the head too: q4_0 keeps it in q8_0
     assert [storage("token_embd.weight", embedding, TYPES["q4_0"], tied) for tied in (True, False)] == ["q8_0", "q4_0"]
     assert reader.get_field("gpt2.context_length").contents() == 32
+    for (type, layout), (path, reader, _) in files.items():  # the estimate is the tensors' bytes in the file
+        assert weight_bytes(random_cfg(layout == "tied"), type) == sum(int(t.n_bytes) for t in reader.tensors)
     assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
 
 
