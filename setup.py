@@ -26,7 +26,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "bitsandbytes==0.50.2", "matplotlib>=3.6",
                  "transformers==5.17.*", "peft==0.21.*",  # references for tests/interop/test_hf.py; nanoft never imports them
+                 "gguf==0.19.*",  # tests/interop/test_gguf.py: its quantizer and reader, transformers' GGUF loading
                  "ruff==0.17.6"],  # the linter CI runs (ruff.toml)
         "plot": ["matplotlib>=3.6"],  # python -m nanoft plot, and out_dir/loss.png at each evaluation
+        "gguf": ["gguf==0.19.*"],  # python -m nanoft export RUN --to model.gguf: llama.cpp's own file writer
     },
 )

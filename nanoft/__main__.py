@@ -2,7 +2,7 @@
 
     python -m nanoft memory configs/100m.py --finetune=qlora --measure   # what a run needs, estimated and measured
     python -m nanoft check                                              # this machine's path, kernels to training
-    python -m nanoft export out/tiny --to out/tiny-hf                   # to transformers and peft, and back
+    python -m nanoft export out/tiny --to out/tiny-hf                   # to transformers and peft (and back), or GGUF
     python -m nanoft merge --adapter out/lora --out out/lora-merged     # fold LoRA into the base's weights
     python -m nanoft plot out/tiny out/try --to out/loss.png            # loss and lr curves side by side
     python -m nanoft reward out/reward --prompt P --response R          # score responses with a reward model

@@ -3,9 +3,13 @@
     python -m nanoft export out/tiny --to out/tiny-hf          # a full model: config.json + model.safetensors
     python -m nanoft export out/lora --to out/lora-hf          # a LoRA run: a peft adapter, its base in base/
     python -m nanoft export path/to/peft-adapter --to out/lora-in [--base gpt2]   # a peft LoRA adapter -> nanoft
+    python -m nanoft export out/tiny --to tiny-q8_0.gguf --type q8_0   # llama.cpp's GGUF: f16, q8_0 or q4_0
 
     model = GPT2LMHeadModel.from_pretrained("out/tiny-hf")                       # the same logits as nanoft
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("out/lora-hf/base"), "out/lora-hf")
+
+A --to ending in .gguf writes one GGUF file for llama.cpp and ollama (layout: nanoft/interop/gguf.py); a LoRA
+or QLoRA run is merged into its base first, as `python -m nanoft merge` merges it, since llama.cpp runs one model.
 
 The base of a LoRA run is written with its full context (all of its positions). A QLoRA run's base is written as
 the adapter saw it: each block linear NF4-quantized and dequantized (float32), so peft over it computes what
@@ -48,6 +52,7 @@ from torch import Tensor
 
 from nanoft.config import LORA_TARGETS, Config
 from nanoft.interop import hf
+from nanoft.interop.gguf import TYPES, write_gguf
 from nanoft.interop.pretrained import load_pretrained
 from nanoft.model import GPT
 from nanoft.peft.lora_model import BLOCK_LINEARS, adapter_config
@@ -56,6 +61,7 @@ from nanoft.run import checkpoint
 from nanoft.run.adapter_base import check_adapter_base
 from nanoft.run.checkpoint import CheckpointError
 from nanoft.run.out_dir import check_output_dir
+from nanoft.tools.merge import check_mergeable, merged_model
 
 QKV = ("q_proj", "k_proj", "v_proj")  # the order of their rows in c_attn
 GPT2_MODULE = {t: hf.GPT2_MODULES[path] for t, path in BLOCK_LINEARS.items()}  # "out_proj" -> "attn.c_proj"
@@ -83,6 +89,31 @@ def export(src: str, to: str, overwrite: bool = False) -> Path:
     if set(ck.model) != names:
         raise ValueError(f"{src} holds finetune={cfg.finetune!r} weights that GPT-2 has no place for")
     return _write_folder(to, [src], overwrite, lambda tmp: hf.write_gpt2(tmp, ck.model, cfg))
+
+
+def export_gguf(src: str, to: str, type: str = "f16", overwrite: bool = False) -> Path:
+    """Write the checkpoint in `src` to the file `to` as a llama.cpp gpt2 GGUF of `type` (whole, or not at all)."""
+    if type not in TYPES:
+        raise ValueError(f"unknown --type {type!r}; a GGUF export is one of {', '.join(TYPES)}")
+    ck = checkpoint.load(src)
+    cfg = Config.from_dict(ck.config)
+    to = Path(to)
+    check_output_dir(to, [src, ck.base_from] if cfg.lora_kind else [src], overwrite)
+    if to.is_dir() or (to.exists() and not overwrite):
+        raise ValueError(f"--to {to} already exists; pick another file, or --overwrite to replace it")
+    if not to.parent.is_dir():
+        raise ValueError(f"--to {to}: no folder {to.parent} to write it in")
+    if cfg.lora_kind:  # llama.cpp runs one model: the adapter folded into its base
+        check_mergeable(cfg, src)
+        check_adapter_base(ck, src)
+        weights = merged_model(ck, cfg, ck.base_from).state_dict()
+    else:
+        with torch.device("meta"):
+            names = set(GPT(cfg).state_dict())
+        if set(ck.model) != names:
+            raise ValueError(f"{src} holds finetune={cfg.finetune!r} weights that llama.cpp's GPT-2 has no place for")
+        weights = ck.model
+    return write_gguf(to, weights, cfg, type, name=Path(src).resolve().name)
 
 
 def _write_folder(to: Path, inputs: list[str], overwrite: bool, write) -> Path:
@@ -267,13 +298,19 @@ def _split_qkv(pairs: dict, cfg: Config) -> dict[tuple[str, int], tuple[Tensor, 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanoft export", description=__doc__.split("\n")[0])
     p.add_argument("src", help="a nanoft out_dir (exported), or a peft adapter folder (imported)")
-    p.add_argument("--to", required=True, help="the folder to write")
+    p.add_argument("--to", required=True, help="the folder to write, or a .gguf file for llama.cpp")
+    p.add_argument("--type", default=None, help="a .gguf file's weights: f16 (default), q8_0 or q4_0")
     p.add_argument("--base", default=None, help="import: the adapter's GPT-2 (a Hub name, folder or file), "
                                                 "if not the one it names")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
     args = p.parse_args(argv)
     try:
-        if (Path(args.src) / "adapter_config.json").is_file():
+        if args.to.endswith(".gguf"):
+            path = export_gguf(args.src, args.to, args.type or "f16", args.overwrite)
+            print(f"exported {args.src} to {path} ({args.type or 'f16'}, {path.stat().st_size / 2**20:.1f} MiB)")
+        elif args.type is not None:
+            raise ValueError(f"--type {args.type} is for a GGUF export: give --to a name ending in .gguf")
+        elif (Path(args.src) / "adapter_config.json").is_file():
             print(f"imported the peft adapter {args.src}: {import_peft(args.src, args.to, args.base, args.overwrite)}")
         else:
             print(f"exported {args.src} to {export(args.src, args.to, args.overwrite)}")

@@ -16,6 +16,7 @@ import torch
 
 from nanoft.config import Config
 from nanoft.interop.pretrained import load_pretrained
+from nanoft.model import GPT
 from nanoft.objectives import method_of
 from nanoft.peft.lora_model import adapter_config, apply_lora, load_adapter_state_dict, merge_lora
 from nanoft.peft.methods import LoRA
@@ -32,22 +33,32 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base: str | None = None, ov
     was trained with (adding it to the original float base would differ by the quantization error)."""
     ck = checkpoint.load(adapter_dir)
     cfg = dataclasses.replace(Config.from_dict(ck.config), gradient_checkpointing=False)
+    check_mergeable(cfg, adapter_dir)
+    base = base or ck.base_from
+    check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read
+    check_adapter_base(ck, adapter_dir, base)
+    owner = lock_dir(out_dir, "python -m nanoft merge")  # noqa: F841 (held until we return)
+    model = merged_model(ck, cfg, base)
+    merged_cfg = dataclasses.replace(cfg, finetune="none", init_from="scratch", out_dir=str(out_dir))
+    return checkpoint.save(out_dir, checkpoint.Checkpoint(
+        step=ck.step, config=merged_cfg.to_dict(), model=model.state_dict(), base_from=base,
+        extra={"merged_from": str(adapter_dir), "adapter": adapter_config(cfg)}))
+
+
+def check_mergeable(cfg: Config, adapter_dir: str) -> None:
+    """One line, unless the run in adapter_dir is a LoRA/QLoRA adapter that folds into its base."""
     peft = method_of(cfg).peft(cfg)
     if peft and peft.why_no_merge:
         raise ValueError(f"{adapter_dir} holds a {cfg.finetune} run, which cannot be merged: {peft.why_no_merge}")
     if peft is not LoRA:
         raise ValueError(f"{adapter_dir} holds a finetune={cfg.finetune!r} run, not a LoRA adapter")
-    base = base or ck.base_from
-    check_output_dir(out_dir, [adapter_dir, base], overwrite)  # never write into what we read
-    check_adapter_base(ck, adapter_dir, base)
-    owner = lock_dir(out_dir, "python -m nanoft merge")  # noqa: F841 (held until we return)
+
+
+def merged_model(ck: checkpoint.Checkpoint, cfg: Config, base: str) -> GPT:
+    """The base (already checked to be the adapter's) with the adapter folded in: a plain float32 GPT."""
     model = apply_lora(load_pretrained(cfg, base), cfg, dtype=torch.float32)  # merge in float32, whatever the run's dtype
     load_adapter_state_dict(model, ck.model)
-    model = merge_lora(model).float()
-    merged_cfg = dataclasses.replace(cfg, finetune="none", init_from="scratch", out_dir=str(out_dir))
-    return checkpoint.save(out_dir, checkpoint.Checkpoint(
-        step=ck.step, config=merged_cfg.to_dict(), model=model.state_dict(), base_from=base,
-        extra={"merged_from": str(adapter_dir), "adapter": adapter_config(cfg)}))
+    return merge_lora(model).float()
 
 
 def main(argv: list[str] | None = None) -> None:
