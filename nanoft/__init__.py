@@ -21,6 +21,6 @@ import os
 # torch's CPU allocator gives tensors of 2 MB or more 2 MB pages (Linux transparent huge pages) when this is set:
 # a fresh activation, gradient or logits buffer then costs 512x fewer page faults on first touch, which on a
 # 2-core CPU was 7% of a configs/tiny.py step at 256 wide (1,163 against 1,246 ms, one process each, set to 1 and
-# to 0, side by side). torch reads it once, at its
-# first allocation, so it is set here, before any; THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
+# to 0, side by side). torch reads it once, at its first allocation, so it is set here, before any;
+# THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
