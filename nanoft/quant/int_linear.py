@@ -107,6 +107,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
+    @staticmethod
+    def weight_bytes(in_features: int, out_features: int) -> int:
+        """Bytes the weight takes on disk and in memory: the int8 codes and a float32 scale a row (bias aside)."""
+        return out_features * in_features + 4 * out_features
+
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Int8Linear:
         """From the grid's codes q in [0, 254] (zero point 127) and per-row scales (out, 1) or (out,)."""
@@ -163,6 +168,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self._packed: tuple | None = None  # the fast kernel's copy of the codes, built at the first fast forward
+
+    @staticmethod
+    def weight_bytes(in_features: int, out_features: int, group_size: int = 128) -> int:
+        """Bytes the weight takes on disk and in memory: half a byte a code, a float32 scale and a uint8 zero a
+        group (bias aside)."""
+        return out_features * in_features // 2 + 5 * out_features * (in_features // group_size)
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> Int4Linear:
