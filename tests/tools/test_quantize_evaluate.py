@@ -9,11 +9,15 @@ import sys
 import pytest
 import torch
 from helpers import ROOT
+from safetensors.torch import load_file
 
+from nanoft.config import Config
 from nanoft.interop.pretrained import load_model
 from nanoft.quant import Int4Linear, Int8Linear, Linear4bit
 from nanoft.run import checkpoint
 from nanoft.tools import evaluate, quantize
+from nanoft.tools.memory.estimate import inference_bytes
+from nanoft.tools.memory.shape import ModelShape
 
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4", "--max_iters=2",
          "--warmup_iters=0", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--compile=False", "--dtype=float32"]
@@ -60,8 +64,14 @@ def test_evaluate_scores_the_batches_train_py_scored(trained, capsys):
 def test_every_method_writes_a_checkpoint_that_loads_quantized_and_scores_close_to_float(
         method, layer_class, trained, tmp_path, capsys):
     quantize.main([str(trained), f"--to={tmp_path}", *method])
-    quant = checkpoint.read_meta(tmp_path)["extra"]["quant"]
+    meta = checkpoint.read_meta(tmp_path)
+    quant = meta["extra"]["quant"]
     assert len(quant["layers"]) == 2 * 6 and quant["method"] == method[0].split("=")[1]
+    # the memory estimator's size of these weights: exact (nf4: its shared code tables, stored per layer, aside)
+    stored = sum(t.numel() * t.element_size() for k, t in load_file(tmp_path / meta["tensors"]).items())
+    shape = ModelShape.from_config(Config.from_dict(meta["config"]))
+    estimate = inference_bytes(shape, quant["format"], **({"group_size": 32} if quant["format"] == "int4" else {}))
+    assert stored == estimate if quant["format"] != "nf4" else 0 < stored - estimate < 0.005 * stored
     model = load_model(str(tmp_path)).eval()
     assert isinstance(model.blocks[1].mlp.fc_out, layer_class) and isinstance(model.lm_head, torch.nn.Linear)
     float_model = load_model(str(trained)).eval()
