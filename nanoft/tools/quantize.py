@@ -63,6 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="input columns per scale and zero (4 bits; default 128; nf4: its block size, default 64)")
     p.add_argument("--calib_tokens", type=int, default=16384, help="calibration tokens (gptq, awq)")
     p.add_argument("--act_order", action="store_true", help="gptq: columns by decreasing activation (static groups)")
+    p.add_argument("--no_clip", action="store_true", help="awq: scales only, no clipping search")
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq: dampening, a fraction of H's mean diagonal")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --to")
     p.add_argument("--device", default="cpu")
@@ -159,25 +160,36 @@ def quantize_block_awq(args, block: nn.Module, x: Tensor) -> Tensor:
     attn, mlp = block.attn, block.mlp
     g = layer_format(args, attn.q_proj.in_features)[1]["group_size"]
 
+    report = []  # per search: the best alpha, its output error against plain rounding's, the loudest channel
+
+    def search(x: Tensor, linears: list[nn.Linear], run, label: str) -> Tensor:
+        s, errors = search_scale(x, linears, run, args.bits, g)
+        loud = x.abs().reshape(-1, x.shape[-1]).mean(0)
+        report.append(f"{label} alpha {errors.index(min(errors)) / len(errors):.2f} "
+                      f"(error {min(errors) / errors[0]:.2f}x rtn's; loudest channel {loud.max() / loud.median():.1f}x "
+                      f"the median)")
+        return s
+
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     a = feats["attn.q_proj"]
-    s, _ = search_scale(a, qkv, lambda: run_chunked(attn, a), args.bits, g)
+    s = search(a, qkv, lambda: run_chunked(attn, a), "q/k/v")
     scale_ln_fcs(block.ln_1, qkv, s)
     feats["attn.q_proj"] = feats["attn.k_proj"] = feats["attn.v_proj"] = a / s  # what the scaled layers now read
 
     o = feats["attn.out_proj"]
-    s, _ = search_scale(o, [attn.out_proj], lambda: run_chunked(attn.out_proj, o), args.bits, g)
+    s = search(o, [attn.out_proj], lambda: run_chunked(attn.out_proj, o), "out_proj")
     scale_fc_fc(attn.v_proj, attn.out_proj, s)
     feats["attn.out_proj"] = o / s
 
     m = feats["mlp.fc_in"]
-    s, _ = search_scale(m, [mlp.fc_in], lambda: run_chunked(mlp, m), args.bits, g)
+    s = search(m, [mlp.fc_in], lambda: run_chunked(mlp, m), "fc_in")
     scale_ln_fcs(block.ln_2, [mlp.fc_in], s)
     feats["mlp.fc_in"] = m / s
+    print("  awq " + "; ".join(report), file=sys.stderr)
 
     for name in names:
         linear = block.get_submodule(name)
-        if name not in ("attn.q_proj", "attn.k_proj"):  # q, k: not clipped (nanoft/quant/awq.py)
+        if not args.no_clip and name not in ("attn.q_proj", "attn.k_proj"):  # q, k: not clipped (nanoft/quant/awq.py)
             apply_clip(linear, search_clip(linear.weight, feats[name], args.bits, g))
         set_layer(block, name, quantized_layer(args, linear, None))
     return out
