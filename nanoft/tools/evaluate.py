@@ -5,6 +5,7 @@
     python -m nanoft evaluate out/lora                      # an adapter over the base it records: its SFT val pairs
     python -m nanoft evaluate out/lora --dataset=shakespeare    # ...or the language-model loss on a token dataset
     python -m nanoft evaluate gpt2 --dataset=shakespeare    # a GPT-2 (Hub name, folder, model.safetensors)
+    python -m nanoft evaluate out/tiny-gptq4 --against out/tiny # also: how far its predictions are from another's
 
 The model is loaded as sample.py loads it (nanoft.interop.pretrained.load_model: quantized layers stay quantized,
 adapters are applied to their base). The batches are the ones train.py evaluates on (nanoft.run.evaluate): the val
@@ -12,6 +13,10 @@ split of the run's data, drawn with seed + 1 from position 0, so every call on e
 the same rows. A run that trained on token files, and any run given --dataset, is scored by next-token loss on
 token windows; a fine-tune on prompt/response pairs by its loss on the val pairs' responses; preference runs (DPO,
 reward) by next-token loss on their dataset's tokens. The last line: `val loss X (perplexity Y)`.
+
+--against REF adds, on the same batches, the mean per-token KL(REF || model) of the next-token distributions: how
+far a quantized model is from its float original, a measure with far less noise than the difference of two val
+losses (which a perturbation can move either way by more than the quantization's cost).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import dataclasses
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from nanoft.config import Config
 from nanoft.data.batches import make_batches
@@ -42,6 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=0, help="rows per batch (default: the run's batch_size)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="autocast dtype")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--against", default="", help="a reference checkpoint: also print the mean KL(reference || model)")
     return p.parse_args(argv)
 
 
@@ -71,7 +78,28 @@ def main(argv: list[str]) -> None:
     loss = estimate_loss(NextTokenLoss(), model, val_batches, cfg.eval_iters, autocast)
     what = f"{cfg.eval_iters} x {cfg.batch_size} x {cfg.block_size}"
     print(f"{args.checkpoint}: {cfg.dataset if data == 'tokens' else 'the SFT val pairs'}, {what} (batches x rows x tokens)")
+    if args.against:
+        reference = load_model(args.against, args.device).to(args.device)
+        kl = mean_kl(reference, model, val_batches, cfg.eval_iters, autocast)
+        print(f"KL({args.against} || {args.checkpoint}) {kl:.6f} nats per token")
     print(loss_line(loss))
+
+
+@torch.no_grad()
+def mean_kl(reference, model, batches, eval_iters: int, autocast) -> float:
+    """Mean over the val batches' tokens of KL(p_ref || p_model) = sum_v p_ref (log p_ref - log p_model), one row at a
+    time (a row's logits are block_size x vocab floats)."""
+    reference.eval(), model.eval()
+    batches.load_state_dict({"position": 0})
+    total, count = 0.0, 0
+    for _ in range(eval_iters):
+        x = batches.next()[0]
+        for row in x.split(1):
+            with autocast:
+                log_p, log_q = (F.log_softmax(m(row).float(), dim=-1) for m in (reference, model))  # (1, T, vocab)
+            total += (log_p.exp() * (log_p - log_q)).sum().item()
+            count += row.numel()
+    return total / count
 
 
 if __name__ == "__main__":
