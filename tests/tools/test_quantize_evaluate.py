@@ -82,6 +82,16 @@ def test_every_method_writes_a_checkpoint_that_loads_quantized_and_scores_close_
     assert 0 < rel < (0.01 if "--bits=8" in method else 0.1), rel  # quantized, and close
     float_loss = val_loss(capsys, str(trained), "--eval_iters=2")
     assert val_loss(capsys, str(tmp_path), "--eval_iters=2") == pytest.approx(float_loss, abs=0.05)
+    if quant["format"] == "int4":  # how far from the float model: some, and nothing from itself
+        assert 0 < kl(capsys, str(tmp_path), str(trained)) < 0.05
+        assert kl(capsys, str(tmp_path), str(tmp_path)) == 0
+
+
+def kl(capsys, checkpoint_dir: str, against: str) -> float:
+    evaluate.main([checkpoint_dir, "--eval_iters=1", "--batch_size=1", f"--against={against}"])
+    line = capsys.readouterr().out.strip().splitlines()[-2]
+    assert line.startswith(f"KL({against} || {checkpoint_dir}) ") and line.endswith(" nats per token"), line
+    return float(line.split()[-4])
 
 
 def test_sample_and_init_from_read_a_quantized_checkpoint(trained, tmp_path):
