@@ -11,44 +11,14 @@ in Hugging Face layout: a Hub name (gpt2, gpt2-medium, distilgpt2, owner/name), 
 import argparse
 import codecs
 import contextlib
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from nanoft.config import Config
 from nanoft.data.tokenizer import get_tokenizer
-from nanoft.interop import hf
-from nanoft.interop.pretrained import load_pretrained
-from nanoft.model import GPT
-from nanoft.objectives import method_of
-from nanoft.objectives.reward import RewardModel
+from nanoft.interop.pretrained import load_model
 from nanoft.run import checkpoint, distributed
-from nanoft.run.adapter_base import check_adapter_base
-
-GPT2_SMALL = Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
-
-
-def load_model(source: str, device: str = "cpu") -> GPT:
-    if hf.is_hf_source(source):  # a GPT-2 by name (fetched once), a folder or a model.safetensors
-        cfg = hf.resolve(dataclasses.replace(GPT2_SMALL, init_from=source), announce=False)  # config.json: the shape
-        return load_pretrained(cfg, cfg.init_from)
-    ckpt = checkpoint.load(source)
-    cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
-    method = method_of(cfg)
-    if method.objective is RewardModel:
-        raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft reward), it does not write it")
-    peft = method.peft(cfg)
-    if not peft:
-        model = GPT(cfg)
-        checkpoint.load_weights(model, ckpt.model, source)
-        return model
-    check_adapter_base(ckpt, source)  # the very base it was trained on, by content
-    # LoRA/QLoRA adapters, folded prefixes or adapter layers: applied to their base (QLoRA quantizes on the device)
-    model = peft.apply(load_pretrained(cfg, ckpt.base_from), cfg, device, for_training=False)
-    peft.load(model, ckpt.model, {})
-    return model
 
 
 def check_args(args) -> None:

@@ -29,6 +29,7 @@ from nanoft.objectives import METHODS, method_of
 from nanoft.optim import OPTIMIZERS, make_optimizer, optimizer_class, warmup_cosine
 from nanoft.peft.methods import trainable_summary
 from nanoft.run import checkpoint, distributed
+from nanoft.run.evaluate import estimate_loss
 from nanoft.run.flops import flops_per_token, peak_flops
 from nanoft.run.loss_plot import refresh_plot
 from nanoft.run.memory_measure import measured_breakdown
@@ -39,19 +40,6 @@ from nanoft.run.resume import check_resume, resumed_position
 from nanoft.run.sizing import GpuSizedNotice, warmup_notice
 from nanoft.run.step_guard import StepGuard
 from nanoft.run.stop import StopRequest
-
-
-@torch.no_grad()
-def estimate_loss(objective, model, batches, eval_iters: int, autocast) -> float:
-    """Mean loss over the same eval_iters validation batches every time, so evaluations compare."""
-    model.eval()
-    batches.load_state_dict({"position": 0})
-    total = 0.0
-    for _ in range(eval_iters):
-        with autocast:
-            total = total + objective.eval_loss(model, batches.next()).float()  # summed on the device: one sync at the end
-    model.train()
-    return (total / eval_iters).item()
 
 
 def main(argv: list[str]) -> None:

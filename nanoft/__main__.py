@@ -6,6 +6,8 @@
     python -m nanoft merge --adapter out/lora --out out/lora-merged     # fold LoRA into the base's weights
     python -m nanoft plot out/tiny out/try --to out/loss.png            # loss and lr curves side by side
     python -m nanoft reward out/reward --prompt P --response R          # score responses with a reward model
+    python -m nanoft quantize out/tiny --method gptq --bits 4 --to out/tiny-gptq4   # post-training INT8/INT4
+    python -m nanoft evaluate out/tiny-gptq4                            # val loss and perplexity of any checkpoint
 """
 import runpy
 import sys
@@ -17,6 +19,8 @@ COMMANDS = {  # name -> the module that runs it (its own `if __name__ == "__main
     "merge": "nanoft.tools.merge",
     "plot": "nanoft.tools.plot",
     "reward": "nanoft.tools.reward",
+    "quantize": "nanoft.tools.quantize",
+    "evaluate": "nanoft.tools.evaluate",
 }
 
 

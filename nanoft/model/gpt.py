@@ -171,6 +171,34 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def use_quantized_layers(self, quant: dict) -> None:
+        """Swap the Linears named in quant["layers"] for empty layers of quant["format"] (a name in
+        nanoft.quant.FORMATS, built with quant["params"]), ready for a quantized checkpoint's weights."""
+        from nanoft.quant import FORMATS  # here, not at the top: a float GPT never loads the quantized formats
+
+        if quant["format"] not in FORMATS:
+            raise ValueError(f"unknown quantized format {quant['format']!r}; known: {', '.join(FORMATS)}")
+        layer_class = FORMATS[quant["format"]]
+        for name in quant["layers"]:
+            parent, _, attr = name.rpartition(".")
+            old = self.get_submodule(name)
+            new = layer_class(old.in_features, old.out_features, old.bias is not None, **quant["params"])
+            setattr(self.get_submodule(parent), attr, new)
+
+    def dequantize_layers(self) -> None:
+        """Turn every quantized Linear back into an nn.Linear holding its dequantized float32 weight: the same
+        function, now trainable (a run that starts from a quantized checkpoint trains from its numbers)."""
+        for name, module in list(self.named_modules()):
+            if isinstance(module, nn.Linear) or not hasattr(module, "dequantize"):
+                continue
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize(torch.float32))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.float())
+            parent, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(parent), attr, linear)
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head shares wte); non_embedding drops the position table."""
         n = sum(p.numel() for p in self.parameters())

@@ -50,10 +50,13 @@ def take_base_shape(cfg: Config, explicit: Iterable[str] = (), announce: bool = 
     return dataclasses.replace(cfg, **shape)
 
 
-def load_base_model(cfg: Config, source: str) -> GPT:
+def load_base_model(cfg: Config, source: str, keep_quantized: bool = False) -> GPT:
     """GPT(cfg) holding the full weights saved in checkpoint dir `source`. A run that saved only what a
     parameter-efficient method trained (its ckpt.json records the adapter) is refused in one line: a LoRA adapter
-    can be merged first (python -m nanoft merge); prefixes and adapter layers are applied to their base by sample.py."""
+    can be merged first (python -m nanoft merge); prefixes and adapter layers are applied to their base by sample.py.
+    A quantized checkpoint (python -m nanoft quantize; ckpt.json's extra.quant names the format and the layers) loads
+    into that format's layers; unless keep_quantized, they are then dequantized into float Linears, so a run that
+    starts from it trains (and adapters attach) as on any base, from the quantized model's numbers."""
     ckpt = checkpoint.load(source)
     adapter = ckpt.extra.get("adapter")
     if adapter:
@@ -65,6 +68,23 @@ def load_base_model(cfg: Config, source: str) -> GPT:
     checkpoint.check_compatible(ckpt.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
     weights = dict(ckpt.model)
     weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
+    return model_from_checkpoint(cfg, weights, ckpt.extra.get("quant"), source, keep_quantized)
+
+
+def model_from_checkpoint(cfg: Config, weights: dict, quant: dict | None, source: str,
+                          keep_quantized: bool = True) -> GPT:
+    """GPT(cfg) holding a full checkpoint's weights; quant (its ckpt.json's extra.quant, if any) swaps in the
+    quantized layers first and, unless keep_quantized, dequantizes them after loading (load_base_model)."""
     model = GPT(cfg)
-    checkpoint.load_weights(model, weights, source)
+    if not quant:
+        checkpoint.load_weights(model, weights, source)
+        return model
+    model.use_quantized_layers(quant)
+    try:  # strict, but not load_weights' shape check: an NF4 layer's JSON state is as long as its text
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"quantized checkpoint {source} does not match its model: "
+                                         f"{str(e).splitlines()[-1].strip()}") from None
+    if not keep_quantized:
+        model.dequantize_layers()
     return model

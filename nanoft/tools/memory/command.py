@@ -42,7 +42,7 @@ from nanoft.model.gpt import GPT
 from nanoft.objectives import method_of
 from nanoft.optim import OPTIMIZERS, make_optimizer
 from nanoft.run.memory_measure import exact_bytes, fmt, nf4_tensors
-from nanoft.tools.memory.estimate import Run
+from nanoft.tools.memory.estimate import Run, inference_bytes
 from nanoft.tools.memory.peak import peak_bytes
 from nanoft.tools.memory.shape import GB, PRESETS, ModelShape
 from nanoft.tools.memory.sharded import per_rank
@@ -339,6 +339,19 @@ def rule_16_lines(shape: ModelShape, est: dict) -> str:
             f"excluded): 16 B x {n:,} = {16 * n / GB:,.2f} GB (decimal); tensor by tensor: {static / GB:,.2f} GB")
 
 
+def inference_lines(shape: ModelShape) -> str:
+    """The weights for inference with the block linears quantized (python -m nanoft quantize), per format."""
+    rows = [("float32", "float32", {}), ("bfloat16 blocks", "bfloat16", {}), ("int8 (rtn8, gptq8)", "int8", {}),
+            ("int4 g128 (rtn4, gptq4, awq4)", "int4", {"group_size": 128}), ("int4 g32", "int4", {"group_size": 32}),
+            ("nf4 (blocks of 64, dq)", "nf4", {})]
+    base = inference_bytes(shape, "float32")
+    lines = ["weights for inference, block linears quantized (embeddings, norms, biases float32; python -m nanoft quantize):"]
+    for label, layer_format, params in rows:
+        got = inference_bytes(shape, layer_format, **params)
+        lines.append(f"  {label:<32}{fmt(got):>12}  {got / base:6.1%} of float32")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if not argv or "--help" in argv or "-h" in argv:
         print(__doc__ + "\nflags: --measure --steps=N --shape=" + "|".join(PRESETS) +
@@ -371,6 +384,8 @@ def main(argv: list[str]) -> None:
     print(f"\nestimates for every optimizer and mode (same shape, batch and precision; {run.device}"
           f"{'; one process' if nproc > 1 else ''}):")
     print(comparison(shape, run))
+    if shape.arch != "nominal":
+        print("\n" + inference_lines(shape))
 
 
 if __name__ == "__main__":

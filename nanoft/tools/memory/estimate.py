@@ -30,6 +30,7 @@ import torch
 from nanoft.config import Config
 from nanoft.objectives import method_of
 from nanoft.optim import optimizer_class
+from nanoft.quant import FORMATS
 from nanoft.run.precision import frozen_dtype, pick_dtype
 from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
 
@@ -332,3 +333,24 @@ def activation_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     forward = sum(led.bytes.values())
     recompute = max(blocks) if ckpt else 0
     return {"forward": forward, "per_block": max(blocks), "recompute": recompute, "peak": forward + recompute}
+
+
+# --- inference: the weights of a quantized checkpoint (python -m nanoft quantize) ------------------------
+
+def inference_bytes(shape: ModelShape, fmt: str, group_size: int = 128) -> int:
+    """Bytes of the weights a model holds for inference (and its checkpoint stores) when the block linears are in
+    `fmt` ("float32", "bfloat16", or a name in nanoft.quant.FORMATS: int8, int4 with group_size, nf4 in blocks of
+    64, double quantized) and everything else (embeddings, norms, biases, an untied head) is float32, as
+    python -m nanoft quantize leaves it. Each format's class states its own bytes."""
+    total = 0
+    for p in param_specs(shape):
+        if not (p.target and len(p.shape) == 2) or fmt == "float32":
+            total += 4 * p.numel
+        elif fmt == "bfloat16":
+            total += 2 * p.numel
+        elif fmt == "nf4":
+            total += nf4_bytes(p.numel, 64, True)
+        else:
+            out_f, in_f = p.shape
+            total += FORMATS[fmt].weight_bytes(in_f, out_f, **({"group_size": group_size} if fmt == "int4" else {}))
+    return total
