@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
+from nanoft.interop.gguf import TYPES as GGUF_TYPES
+from nanoft.interop.gguf import weight_bytes as gguf_weight_bytes
 from nanoft.model.gpt import GPT
 from nanoft.objectives import method_of
 from nanoft.optim import OPTIMIZERS, make_optimizer
@@ -339,8 +341,9 @@ def rule_16_lines(shape: ModelShape, est: dict) -> str:
             f"excluded): 16 B x {n:,} = {16 * n / GB:,.2f} GB (decimal); tensor by tensor: {static / GB:,.2f} GB")
 
 
-def inference_lines(shape: ModelShape) -> str:
-    """The weights for inference with the block linears quantized (python -m nanoft quantize), per format."""
+def inference_lines(shape: ModelShape, cfg: Config | None = None) -> str:
+    """The weights for inference with the block linears quantized (python -m nanoft quantize), per format; with the
+    run's cfg (a GPT shape) also the GGUF files llama.cpp reads (python -m nanoft export --to m.gguf)."""
     rows = [("float32", "float32", {}), ("bfloat16 blocks", "bfloat16", {}), ("int8 (rtn8, gptq8)", "int8", {}),
             ("int4 g128 (rtn4, gptq4, awq4)", "int4", {"group_size": 128}), ("int4 g32", "int4", {"group_size": 32}),
             ("nf4 (blocks of 64, dq)", "nf4", {})]
@@ -349,6 +352,11 @@ def inference_lines(shape: ModelShape) -> str:
     for label, layer_format, params in rows:
         got = inference_bytes(shape, layer_format, **params)
         lines.append(f"  {label:<32}{fmt(got):>12}  {got / base:6.1%} of float32")
+    if cfg is not None and shape.arch == "gpt":  # every tensor: q4_0 keeps the head in q8_0, norms and biases f32
+        lines.append("GGUF files for llama.cpp, tensors only (+ ~1.8 MB of tokenizer; python -m nanoft export --to m.gguf):")
+        for gguf_type in GGUF_TYPES:
+            got = gguf_weight_bytes(cfg, gguf_type)
+            lines.append(f"  {'gguf ' + gguf_type:<32}{fmt(got):>12}  {got / base:6.1%} of float32")
     return "\n".join(lines)
 
 
@@ -385,7 +393,7 @@ def main(argv: list[str]) -> None:
           f"{'; one process' if nproc > 1 else ''}):")
     print(comparison(shape, run))
     if shape.arch != "nominal":
-        print("\n" + inference_lines(shape))
+        print("\n" + inference_lines(shape, cfg))
 
 
 if __name__ == "__main__":
