@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from nanoft.config import Config, ConfigError, describe, load_config, parse_overrides
+from nanoft.interop.gguf import GPT2_VOCAB
 from nanoft.interop.gguf import TYPES as GGUF_TYPES
 from nanoft.interop.gguf import weight_bytes as gguf_weight_bytes
 from nanoft.model.gpt import GPT
@@ -352,7 +353,8 @@ def inference_lines(shape: ModelShape, cfg: Config | None = None) -> str:
     for label, layer_format, params in rows:
         got = inference_bytes(shape, layer_format, **params)
         lines.append(f"  {label:<32}{fmt(got):>12}  {got / base:6.1%} of float32")
-    if cfg is not None and shape.arch == "gpt":  # every tensor: q4_0 keeps the head in q8_0, norms and biases f32
+    if cfg is not None and shape.arch == "gpt" and cfg.vocab_size >= GPT2_VOCAB:  # GGUF carries GPT-2's tokenizer
+        # every tensor: q4_0 keeps the head in q8_0, norms and biases f32
         lines.append("GGUF files for llama.cpp, tensors only (+ ~1.8 MB of tokenizer; python -m nanoft export --to m.gguf):")
         for gguf_type in GGUF_TYPES:
             got = gguf_weight_bytes(cfg, gguf_type)
