@@ -42,7 +42,8 @@ def load_model(source: str, device: str = "cpu") -> GPT:
     peft = method.peft(cfg)
     if not peft:
         model = GPT(cfg)
-        checkpoint.load_weights(model, ckpt.model, source)
+        heads = method.objective.head_shapes(cfg.n_embd)  # PPO's value head: the critic, not part of the policy
+        checkpoint.load_weights(model, {k: v for k, v in ckpt.model.items() if k not in heads}, source)
         return model
     check_adapter_base(ckpt, source)  # the very base it was trained on, by content
     # LoRA/QLoRA adapters, folded prefixes or adapter layers: applied to their base (QLoRA quantizes on the device)

@@ -31,7 +31,7 @@ from nanoft.config import Config
 from nanoft.objectives import method_of
 from nanoft.optim import optimizer_class
 from nanoft.run.precision import frozen_dtype, pick_dtype
-from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
+from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shapes, param_specs
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
 
@@ -149,7 +149,7 @@ def static_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     paged = optimizer_class(run.cfg.optimizer).paged
     return {"params": params, "grads": grads, "states": 0 if paged else states, "states_host": states if paged else 0,
             "n_params": shape.num_params(), "n_trainable": sum(p.numel for p, _ in trainable),
-            "frozen_model": 4 * second.num_params() if (second := frozen_model_shape(run.cfg, shape)) else 0}
+            "frozen_model": sum(4 * other.num_params() for other in frozen_model_shapes(run.cfg, shape))}
 
 
 # --- activations: what autograd saves for backward ------------------------------------------------------
