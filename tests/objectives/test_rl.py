@@ -251,6 +251,17 @@ def test_memory_estimate_counts_the_reference_the_reward_model_and_the_value_hea
     assert lora["frozen_model"] == full["params"]  # adapters off: no reference copy, only the reward model
 
 
+def small_preferences(tmp_path) -> str:
+    """20 pairs (18 train, 2 held out): the final report measures 2 prompts, not the plays' 300."""
+    words = ["thou", "art", "the", "king", "of", "all", "my", "love", "and", "hate", "this", "night", "shall", "end"]
+    rng = random.Random(0)
+    lines = [json.dumps({"prompt": "ROMEO:\n" + " ".join(rng.choices(words, k=4)) + "\n",
+                         "chosen": " ".join(rng.choices(words, k=3)) + "\n",
+                         "rejected": " ".join(rng.choices(words, k=3)) + "\n"}) for _ in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "pairs.jsonl")
+
+
 def test_train_py_ppo_lora_resumes_with_its_value_head_and_kl_coef_and_samples(tmp_path, capsys):
     base = tmp_path / "base"
     torch.manual_seed(0)
@@ -260,7 +271,7 @@ def test_train_py_ppo_lora_resumes_with_its_value_head_and_kl_coef_and_samples(t
     out = tmp_path / "ppo"
     args = ["configs/ppo.py", f"--init_from={base}", f"--reward_from={rm}", f"--out_dir={out}", "--batch_size=4",
             "--rl_max_new_tokens=6", "--eval_iters=1", "--log_interval=1", "--kl_target=1.0", "--kl_horizon=8",
-            "--compile=False"]
+            "--compile=False", f"--preference_data={small_preferences(tmp_path)}"]
     train.main([*args, "--max_iters=4", "--eval_interval=4", "--save_interval=4"])
     ckpt = checkpoint.load(out)
     assert set(ckpt.train_only) == {"value_head.weight", "value_head.bias"} and ckpt.train_only["value_head.bias"] != 0
@@ -278,10 +289,10 @@ def test_train_py_ppo_lora_resumes_with_its_value_head_and_kl_coef_and_samples(t
 def test_train_py_grpo_full_weights_and_sample_py_loads_the_policy(tmp_path):
     rm = save_reward_model(tmp_path / "rm")
     out = tmp_path / "grpo"
-    random.seed(0)
     train.main(["configs/grpo.py", "--init_from=scratch", *[f"--{k}={v}" for k, v in SMALL.items()],
                 f"--reward_from={rm}", f"--out_dir={out}", "--finetune_weights=full", "--batch_size=2",
-                "--rl_samples=2", "--rl_max_new_tokens=4", "--max_iters=2", "--eval_iters=1", "--compile=False"])
+                "--rl_samples=2", "--rl_max_new_tokens=4", "--max_iters=2", "--eval_iters=1", "--compile=False",
+                f"--preference_data={small_preferences(tmp_path)}"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and "train_kl_loss" in rows[-1] and "train_score_std" in rows[-1]
     load_model(str(out))

@@ -318,7 +318,8 @@ def comparison(shape: ModelShape, run: Run) -> str:
     for opt in OPTIMIZERS:
         cells = []
         for mode in MODES:
-            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode, finetune_weights="full", teacher_from=""),
+            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode, finetune_weights="full", teacher_from="",
+                                        reward_from=""),
                     run.device, run.act_bytes)
             try:
                 e = peak_bytes(shape, r)

@@ -33,6 +33,19 @@ from nanoft.optim import optimizer_class
 from nanoft.run.precision import frozen_dtype, pick_dtype
 from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shapes, param_specs
 
+
+def rows_per_forward(cfg: Config) -> int:
+    """Rows a training forward holds: a batch of B preference pairs is 2B rows (chosen, rejected); PPO and GRPO
+    train on a micro-batch of their rollout, B prompts x rl_samples / (rl_minibatches x grad_accum), rounded up
+    (the rollout's own sampling runs under no_grad and keeps no activations)."""
+    method = method_of(cfg)
+    if method.data != "preferences":
+        return cfg.batch_size
+    if method.objective.frozen_models == ("reference", "reward"):  # PPO, GRPO
+        return -(-cfg.batch_size * cfg.rl_samples // (cfg.rl_minibatches * cfg.grad_accum))
+    return 2 * cfg.batch_size
+
+
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
 
 @dataclass(frozen=True)
@@ -49,8 +62,8 @@ class Run:
         if dtype == "auto":  # train.py's own rule (nanoft.run.precision); a GPU that is not here is taken to have bf16
             gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
             dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device, cfg.n_embd)).removeprefix("torch.")
-        pairs = method_of(cfg).data == "preferences"  # a batch of B preference pairs is 2B rows (chosen, rejected)
-        return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype])
+        rows = rows_per_forward(cfg)
+        return Run(replace(cfg, batch_size=rows) if rows != cfg.batch_size else cfg, device, DTYPE_BYTES[dtype])
 
     @property
     def mode(self) -> str:  # which weights train: "full", "lora", "qlora", "prefix" or "adapter" (the method table)
