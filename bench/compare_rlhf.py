@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--reward", default="", help="a finetune=reward checkpoint (default: train out/cmp_rl_reward)")
     p.add_argument("--runs", default="out", help="where the runs go: RUNS/cmp_rl_<kind>")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--measure", default=",".join(KINDS), help="which runs to measure here (PPO and GRPO runs print "
+                   "the same table at their end, by the same code)")
     args, overrides = p.parse_known_args()
     reward = args.reward or f"{args.runs}/cmp_rl_reward"
     costs = {}
@@ -78,13 +80,16 @@ def main() -> None:
     _, val_pairs = load_preference_splits(cfg)
     reward_model = load_reward_model(reward)
     reference = load_pretrained(dataclasses.replace(cfg, finetune="none", finetune_weights="full"), args.base).eval()
-    rows = []
-    for kind in KINDS:
+    rows, before = [], None
+    for kind in args.measure.split(","):
         policy = load_model(f"{args.runs}/cmp_rl_{kind}").eval()
-        ev = evaluate(policy, lambda: contextlib.nullcontext(reference), reward_model, val_pairs, cfg)
+        ev = evaluate(policy, lambda: contextlib.nullcontext(reference), reward_model, val_pairs, cfg, before)
+        before = ev.before  # the same reference, measured once
         print(f"--- {kind}\n{ev.table()}", flush=True)
         wall, rss = costs.get(kind, (float("nan"), 0))
         rows.append((kind, ev, wall, rss))
+    if not rows:
+        return
     b = rows[0][1].before
     print("\n| method | preference acc. (own) | RM score greedy | RM score sampled | stop | KL/response | wall | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")

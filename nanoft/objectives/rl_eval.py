@@ -115,9 +115,10 @@ def _side(model: nn.Module, reward_model: nn.Module, prompts, pairs, cfg: Config
 
 
 def evaluate(policy: nn.Module, reference: Callable[[], AbstractContextManager[nn.Module]], reward_model: nn.Module,
-             pairs: list[PreferencePair], cfg: Config) -> Evaluation:
+             pairs: list[PreferencePair], cfg: Config, before: Side | None = None) -> Evaluation:
     """The table above. reference() gives a context that yields pi_ref (the frozen copy, or the policy with its
-    adapters off). Runs in eval mode; the policy's mode is restored."""
+    adapters off); `before`, the reference's side when it was already measured (several policies, one reference).
+    Runs in eval mode; the policy's mode is restored."""
     pairs = fitting(pairs, cfg.block_size)
     prompts = pair_prompts(pairs, cfg.block_size)
     was_training = policy.training
@@ -126,7 +127,7 @@ def evaluate(policy: nn.Module, reference: Callable[[], AbstractContextManager[n
         after = _side(policy, reward_model, prompts, pairs, cfg)
         logp = sequence_logps(policy, prompts, after.sampled, cfg.rl_temperature)
         with reference() as ref:
-            before = _side(ref, reward_model, prompts, pairs, cfg)
+            before = before or _side(ref, reward_model, prompts, pairs, cfg)
             ref_logp = sequence_logps(ref, prompts, after.sampled, cfg.rl_temperature)
     finally:
         policy.train(was_training)
