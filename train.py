@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
             (weights, train_only), extra["adapter"] = peft.saved(raw_model), peft.config(cfg, base_from)
         checkpoint.save(where, checkpoint.Checkpoint(
             step=step, config=cfg.to_dict(), model=weights, base_from=base_from, optim=optim_state,
-            extra={**extra, "scaler": scaler.state_dict()},  # fp16's loss scale ({} without fp16)
+            extra={**extra, "scaler": scaler.state_dict(), **objective.state_dict()},  # fp16's loss scale; PPO's KL coef
             data={"train": train_batches.state_dict(), "world_size": dist.world_size}, rng=rng, train_only=train_only))
 
     out_dir = Path(cfg.out_dir)

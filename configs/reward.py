@@ -1,6 +1,6 @@
 """A reward model (RLHF's second stage, Ouyang et al. 2022) from the CPU base (out/tiny): a scalar head on the last
 token of prompt + response, trained with the Bradley-Terry loss on the plays' preference set (configs/dpo.py's pairs).
-Every weight trains. PPO, the third stage, is not in nanoft yet.
+Every weight trains. The third stage trains a policy against it: configs/ppo.py, configs/grpo.py.
 
     python train.py configs/tiny.py --max_iters=1500 --out_dir=out/tiny-1500   # first: a base (see configs/dpo.py)
     python train.py configs/reward.py --init_from=out/tiny-1500   # held-out pairwise accuracy: 0.657 measured

@@ -10,7 +10,7 @@ Where a concept lives, from the bottom up (a package imports only those above it
     model/        the GPT, its chunked LM-head loss, log-probabilities
     run/          checkpoints, out_dir lock, resume, step guard, stop requests, distributed, precision, progress
     peft/         LoRA, QLoRA, prefix tuning, adapter layers
-    objectives/   the method table: next-token, DPO, reward model, distillation
+    objectives/   the method table: next-token, DPO, reward model, distillation, PPO, GRPO
     interop/      Hugging Face's GPT-2 in and out; GGUF for llama.cpp out and back
     tools/        the commands: python -m nanoft memory | check | export | merge | plot | reward | quantize | evaluate
 

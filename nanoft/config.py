@@ -32,9 +32,12 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "finetune_weights": ("full", "lora", "qlora"),
+    "rl_stop": ("newline", "eos"),
+    "kl_estimator": ("k1", "k3"),
 }
-# objectives of their own (nanoft/objectives/dpo.py, reward.py, distill.py); DPO may train LoRA/QLoRA adapters instead
-OBJECTIVE_FINETUNES = ("dpo", "reward", "distill")
+# objectives of their own (nanoft/objectives/dpo.py, reward.py, distill.py, ppo.py, grpo.py); DPO, PPO and GRPO may
+# train LoRA/QLoRA adapters instead
+OBJECTIVE_FINETUNES = ("dpo", "reward", "distill", "ppo", "grpo")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 
 
@@ -90,12 +93,30 @@ class Config:
     lora_train_norms: bool = False  # LoRA/QLoRA: the LayerNorms' gains and biases train too (2*n_embd each)
     nf4_blocksize: int = 64  # QLoRA: elements per NF4 quantization block
     double_quant: bool = True  # QLoRA: quantize the per-block absmax values to 8 bits too
-    finetune_weights: str = "full"  # dpo: which weights train, full | lora | qlora (the lora_* keys apply)
+    finetune_weights: str = "full"  # dpo, ppo, grpo: which weights train, full | lora | qlora (the lora_* keys apply)
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (small: far)
     preference_data: str = ""  # dpo, reward: JSONL of {"prompt","chosen","rejected"}; empty uses the plays' set
     teacher_from: str = ""  # distill: the teacher's checkpoint dir (a full model of any shape, same vocabulary)
     distill_alpha: float = 0.5  # distill: weight of the teacher's soft targets; 1 - alpha on the true tokens
     distill_temperature: float = 2.0  # distill: softmax temperature T of both teacher and student in the KL term
+    reward_from: str = ""  # ppo, grpo: the reward model, a finetune=reward checkpoint dir
+    rl_samples: int = 1  # ppo, grpo: responses sampled per prompt in a rollout (grpo: the group size G, at least 2)
+    rl_epochs: int = 4  # ppo, grpo: passes over each rollout (1: the ratio stays 1, plain policy gradient)
+    rl_minibatches: int = 1  # ppo, grpo: optimizer steps per pass; a rollout serves rl_epochs * rl_minibatches steps
+    rl_max_new_tokens: int = 24  # ppo, grpo: the longest response sampled (prompt + response also fit block_size)
+    rl_temperature: float = 0.7  # ppo, grpo: sampling temperature; the policy trained is softmax(logits / T)
+    rl_stop: str = "newline"  # ppo, grpo: a response ends at a token holding a newline, or at <|endoftext|> only (eos)
+    rl_no_stop_penalty: float = 1.0  # ppo, grpo: subtracted from the score of a response that never stops
+    rl_clip: float = 0.2  # ppo, grpo: eps of the clipped ratio, clip(pi / pi_old, 1 - eps, 1 + eps)
+    reward_norm: bool = False  # ppo, grpo: scores normalised to mean 0, std 1 on the reference's own samples
+    kl_coef: float = 0.05  # ppo: beta of the per-token KL penalty in the reward; grpo: beta of the k3 KL in the loss
+    kl_estimator: str = "k1"  # ppo: the per-token KL in the reward: k1 = log(pi/pi_ref), k3 = r - 1 - log r
+    kl_target: float = 0.0  # ppo: > 0 adapts kl_coef toward this KL per response (Ziegler et al. 2019); 0 keeps it
+    kl_horizon: int = 10000  # ppo: the adaptive KL controller's horizon, in sampled responses
+    vf_coef: float = 0.1  # ppo: weight of the value loss
+    vf_clip: float = 0.2  # ppo: the value loss clips the value's move from its rollout value to +-vf_clip
+    gae_gamma: float = 1.0  # ppo: discount
+    gae_lambda: float = 0.95  # ppo: GAE's lambda
     prefix_len: int = 10  # prefix tuning: trained key/value positions before the sequence, in every layer
     prefix_hidden: int = 512  # prefix tuning: hidden width of the MLP that produces the prefixes while training
     adapter_size: int = 64  # adapters: bottleneck width m of each adapter (2*m*n_embd + m + n_embd numbers)
@@ -128,7 +149,8 @@ class Config:
         for key in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "log_interval",
                     "eval_interval", "save_interval", "n_layer", "n_head", "n_embd", "vocab_size", "lora_r",
                     "max_bad_steps", "dist_timeout", "min_8bit_size", "page_size", "nf4_blocksize",
-                    "prefix_len", "prefix_hidden", "adapter_size"):
+                    "prefix_len", "prefix_hidden", "adapter_size", "rl_samples", "rl_epochs", "rl_minibatches",
+                    "rl_max_new_tokens", "kl_horizon"):
             _check(key, getattr(self, key) >= 1, getattr(self, key), "at least 1")
         _check("lr", math.isfinite(self.lr) and self.lr > 0, self.lr, "a finite number > 0")
         _check("min_lr", 0 <= self.min_lr <= self.lr, self.min_lr, f"between 0 and lr ({self.lr})")
@@ -145,6 +167,13 @@ class Config:
         _check("distill_alpha", 0 <= self.distill_alpha <= 1, self.distill_alpha, "in [0, 1]")
         _check("distill_temperature", 0 < self.distill_temperature < math.inf, self.distill_temperature,
                "a finite number > 0")
+        for key in ("rl_temperature", "vf_clip"):
+            _check(key, 0 < getattr(self, key) < math.inf, getattr(self, key), "a finite number > 0")
+        for key in ("rl_no_stop_penalty", "kl_coef", "kl_target", "vf_coef"):
+            _check(key, 0 <= getattr(self, key) < math.inf, getattr(self, key), "a finite number >= 0")
+        _check("rl_clip", 0 < self.rl_clip < 1, self.rl_clip, "in (0, 1)")
+        for key in ("gae_gamma", "gae_lambda"):
+            _check(key, 0 <= getattr(self, key) <= 1, getattr(self, key), "in [0, 1]")
         for key in ("out_dir", "init_from", "dataset"):
             _check(key, bool(getattr(self, key).strip()), getattr(self, key), "not empty")
 

@@ -49,7 +49,9 @@ def load_model(source: str, device: str = "cpu") -> GPT:
         raise ValueError(f"{source} is a reward model: it scores text (python -m nanoft reward), it does not write it")
     peft = method.peft(cfg)
     if not peft:  # a full model, float or quantized (its layers stay quantized: python -m nanoft quantize)
-        return model_from_checkpoint(cfg, ckpt.model, ckpt.extra.get("quant"), source)
+        heads = method.objective.head_shapes(cfg.n_embd)  # PPO's value head: the critic, not part of the policy
+        weights = {k: v for k, v in ckpt.model.items() if k not in heads}
+        return model_from_checkpoint(cfg, weights, ckpt.extra.get("quant"), source)
     check_adapter_base(ckpt, source)  # the very base it was trained on, by content
     # LoRA/QLoRA adapters, folded prefixes or adapter layers: applied to their base (QLoRA quantizes on the device)
     model = peft.apply(load_pretrained(cfg, ckpt.base_from), cfg, device, for_training=False)

@@ -5,6 +5,8 @@ The loop is the same for every method; only the loss differs:
     next-token cross-entropy   pretraining, full / LoRA / QLoRA SFT        NextTokenLoss (here)
     DPO                        preference pairs, policy against reference  nanoft/objectives/dpo.py
     Bradley-Terry              preference pairs, a scalar reward head      nanoft/objectives/reward.py
+    PPO, GRPO                  rollouts sampled from the policy, scored    nanoft/objectives/ppo.py, grpo.py
+                               by a reward model
     distillation               token batches, a frozen teacher's softmax   nanoft/objectives/distill.py
 
 An objective is called on the training model and one micro-batch and returns a scalar loss to backpropagate;
@@ -30,11 +32,11 @@ class Objective:
     """The base: running sums of detached scalar scores, so logging costs no sync until it is read.
 
     Two facts each objective states for the memory estimator (nanoft/tools/memory):
-    frozen_model: the second model it keeps frozen beside the one it trains ("reference": a copy of the starting
-        model; "teacher": the teacher_from checkpoint); None for none.
+    frozen_models: the other models it keeps frozen beside the one it trains ("reference": a copy of the starting
+        model, with full weights; "teacher": the teacher_from checkpoint; "reward": the reward_from checkpoint).
     head_shapes(n_embd): the trained heads it adds to the GPT, by parameter name."""
 
-    frozen_model: str | None = None
+    frozen_models: tuple[str, ...] = ()
 
     @staticmethod
     def head_shapes(n_embd: int) -> dict[str, tuple[int, ...]]:
@@ -52,6 +54,11 @@ class Objective:
 
     def eval_loss(self, model, batch) -> Tensor:
         return self(model, batch)
+
+    def state_dict(self) -> dict:
+        """What the objective keeps between steps that a resumed run needs (JSON, in the checkpoint's extra;
+        PPO's adaptive KL coefficient). Nothing by default."""
+        return {}
 
     def add_scores(self, **scores: Tensor) -> None:
         for name, value in scores.items():

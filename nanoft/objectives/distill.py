@@ -83,7 +83,7 @@ def load_teacher(cfg: Config, device: str | torch.device) -> GPT:
 class Distillation(Objective):
     """finetune="distill": the student (the model train.py trains) against a frozen teacher, on token batches."""
 
-    frozen_model = "teacher"
+    frozen_models = ("teacher",)
 
     def __init__(self, cfg: Config, model: nn.Module, device: str | torch.device):
         super().__init__()

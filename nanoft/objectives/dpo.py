@@ -86,18 +86,25 @@ class FrozenReference:
                 p.data.copy_(v)
             model.train(was_training)
 
+    @contextlib.contextmanager
+    def as_model(self, model: nn.Module):
+        """pi_ref as a module to call (under no_grad): the frozen copy, or `model` with its adapters off."""
+        if self.copy is not None:
+            yield self.copy
+        else:
+            with self._as_reference(model) as reference:
+                yield reference
+
     @torch.no_grad()
     def sequence_logprobs(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        if self.copy is not None:
-            return sequence_logprobs(self.copy, x, y, mask)
-        with self._as_reference(model) as reference:
+        with self.as_model(model) as reference:
             return sequence_logprobs(reference, x, y, mask)
 
 
 class DPO(Objective):
     """finetune="dpo": the DPO loss on preference batches (nanoft/data/preferences.py: B chosen rows, B rejected)."""
 
-    frozen_model = "reference"  # full weights: a frozen copy of the start; LoRA: the same model, adapters off
+    frozen_models = ("reference",)  # full weights: a frozen copy of the start; LoRA: the same model, adapters off
 
     def __init__(self, cfg: Config, model: nn.Module, device: str | torch.device):
         super().__init__()

@@ -15,14 +15,17 @@ Only differences of rewards enter, so a reward is defined up to a constant. The 
 pair ties, accuracy 0 by strict comparison, loss log 2); the whole model trains with it (full weights). The
 measure is the held-out pairwise accuracy, the fraction of pairs with r_w > r_l (chance: 0.5).
 
-RLHF's third stage, PPO against this reward with a KL penalty to the SFT model, is not in nanoft yet;
-nanoft/objectives/dpo.py optimises the same preferences without a reward model.
+RLHF's third stage optimises a policy against this reward with a KL penalty to the starting model:
+nanoft/objectives/ppo.py (PPO, as InstructGPT) and grpo.py (GRPO); nanoft/objectives/dpo.py optimises the same
+preferences without a reward model.
 
 The head is `model.reward_head`, a submodule of the GPT, so the optimizer, the checkpoint (its weights beside
 the model's) and resume see it as any other weight. `python -m nanoft reward OUT_DIR --prompt P --response R`
 prints a trained model's reward.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ from nanoft.config import Config
 from nanoft.data.preferences import PreferencePair, fitting, pair_rows
 from nanoft.model.gpt import GPT
 from nanoft.objectives.base import Objective, check_single_process
+from nanoft.run import checkpoint
 
 
 def add_reward_head(model: GPT) -> GPT:
@@ -41,6 +45,17 @@ def add_reward_head(model: GPT) -> GPT:
     nn.init.zeros_(head.bias)
     model.reward_head = head
     return model
+
+
+def load_reward_model(source: str, device: str | torch.device = "cpu") -> GPT:
+    """A finetune="reward" checkpoint as a GPT with its reward_head, frozen, in eval mode, on device."""
+    ckpt = checkpoint.load(source)
+    cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
+    if cfg.finetune != "reward":
+        raise ValueError(f"{source} holds a finetune={cfg.finetune!r} run, not a reward model (finetune=reward)")
+    model = add_reward_head(GPT(cfg))
+    checkpoint.load_weights(model, ckpt.model, source)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def rewards(model: GPT, x: Tensor, mask: Tensor) -> Tensor:

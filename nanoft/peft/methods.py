@@ -60,11 +60,17 @@ class LoRA:
 
     @staticmethod
     def saved(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return adapter_state_dict(model), {}
+        """(the adapters, any other head that trains beside them: PPO's value head, which only resuming needs)."""
+        adapters = adapter_state_dict(model)
+        return adapters, {k: v for k, v in trained_tensors(model).items() if k not in adapters}
 
     @staticmethod
     def load(model: nn.Module, weights: dict[str, Tensor], train_only: dict[str, Tensor]) -> None:
+        """The adapters; and, resuming (train_only given), the other heads that train, strictly."""
         load_adapter_state_dict(model, weights)
+        heads = {k: v for k, v in trained_tensors(model).items() if k not in weights}
+        if heads or train_only:
+            copy_exactly(heads, train_only, "trained head", keys_hint="finetune", shape_hint="n_embd")
 
     @staticmethod
     def config(cfg: Config, base_from: str | None = None) -> dict:

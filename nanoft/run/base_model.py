@@ -66,7 +66,7 @@ def load_base_model(cfg: Config, source: str, keep_quantized: bool = False) -> G
                              f"(python -m nanoft merge --adapter {source} --out DIR)")
         raise ValueError(f"{source} holds {saved.finetune} weights for a base, not a full model")
     checkpoint.check_compatible(ckpt.config, cfg.to_dict(), source, checkpoint.ARCH_KEYS)
-    weights = dict(ckpt.model)
+    weights = {k: v for k, v in ckpt.model.items() if not k.startswith("value_head.")}  # a PPO run's critic
     weights["wpe.weight"] = weights["wpe.weight"][: cfg.block_size]  # fine-tuning may use a shorter context
     return model_from_checkpoint(cfg, weights, ckpt.extra.get("quant"), source, keep_quantized)
 

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
 
-from nanoft.config import Config
 from nanoft.data.sft import collate, fit_to_block, tokenize_examples
-from nanoft.model import GPT
-from nanoft.objectives import method_of
-from nanoft.objectives.reward import RewardModel, add_reward_head, rewards
+from nanoft.objectives.reward import load_reward_model, rewards
 from nanoft.run import checkpoint
-
-
-def load_reward_model(source: str, device: str = "cpu") -> GPT:
-    """A finetune="reward" checkpoint as a GPT with its reward_head, in eval mode."""
-    ckpt = checkpoint.load(source)
-    cfg = dataclasses.replace(Config.from_dict(ckpt.config), dropout=0.0, gradient_checkpointing=False)
-    if method_of(cfg).objective is not RewardModel:
-        raise ValueError(f"{source} holds a finetune={cfg.finetune!r} run, not a reward model")
-    model = add_reward_head(GPT(cfg))
-    checkpoint.load_weights(model, ckpt.model, source)
-    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -291,7 +291,7 @@ def _describe(shape: ModelShape, run: Run, label: str, est: dict) -> str:
 
 def table(est: dict, got: dict | None) -> str:
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer states", "states"),
-            ("  states in host memory", "states_host"), ("DPO reference / teacher", "frozen_model"),
+            ("  states in host memory", "states_host"), ("frozen reference/teacher/RM", "frozen_model"),
             ("whole groups (FSDP gathers)", "gathered"), ("activations (saved)", "activations"),
             ("logits, loss grads, scratch", "transient"), ("total (peak)", "total")]
     head = f"{'':<30}{'estimate':>12}" + (f"{'measured':>12}{'diff':>9}" if got else "")
@@ -321,7 +321,8 @@ def comparison(shape: ModelShape, run: Run) -> str:
     for opt in OPTIMIZERS:
         cells = []
         for mode in MODES:
-            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode, finetune_weights="full", teacher_from=""),
+            r = Run(dataclasses.replace(run.cfg, optimizer=opt, finetune=mode, finetune_weights="full", teacher_from="",
+                                        reward_from=""),
                     run.device, run.act_bytes)
             try:
                 e = peak_bytes(shape, r)

@@ -32,7 +32,20 @@ from nanoft.objectives import method_of
 from nanoft.optim import optimizer_class
 from nanoft.quant import FORMATS
 from nanoft.run.precision import frozen_dtype, pick_dtype
-from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shape, param_specs
+from nanoft.tools.memory.shape import DTYPE_BYTES, ModelShape, ParamSpec, frozen_model_shapes, param_specs
+
+
+def rows_per_forward(cfg: Config) -> int:
+    """Rows a training forward holds: a batch of B preference pairs is 2B rows (chosen, rejected); PPO and GRPO
+    train on a micro-batch of their rollout, B prompts x rl_samples / (rl_minibatches x grad_accum), rounded up
+    (the rollout's own sampling runs under no_grad and keeps no activations)."""
+    method = method_of(cfg)
+    if method.data != "preferences":
+        return cfg.batch_size
+    if method.objective.frozen_models == ("reference", "reward"):  # PPO, GRPO
+        return -(-cfg.batch_size * cfg.rl_samples // (cfg.rl_minibatches * cfg.grad_accum))
+    return 2 * cfg.batch_size
+
 
 # --- the three exact rows: parameters, gradients, optimizer states --------------------------------------
 
@@ -55,8 +68,8 @@ class Run:
         if dtype == "auto":  # train.py's own rule (nanoft.run.precision); a GPU that is not here is taken to have bf16
             gpu_elsewhere = device == "cuda" and not torch.cuda.is_available()
             dtype = "bfloat16" if gpu_elsewhere else str(pick_dtype("auto", device, cfg.n_embd)).removeprefix("torch.")
-        pairs = method_of(cfg).data == "preferences"  # a batch of B preference pairs is 2B rows (chosen, rejected)
-        return Run(replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg, device, DTYPE_BYTES[dtype], dtype)
+        rows = rows_per_forward(cfg)
+        return Run(replace(cfg, batch_size=rows) if rows != cfg.batch_size else cfg, device, DTYPE_BYTES[dtype], dtype)
 
     @property
     def mode(self) -> str:  # which weights train: "full", "lora", "qlora", "prefix" or "adapter" (the method table)
@@ -155,7 +168,7 @@ def static_bytes(shape: ModelShape, run: Run) -> dict[str, int]:
     paged = optimizer_class(run.cfg.optimizer).paged
     return {"params": params, "grads": grads, "states": 0 if paged else states, "states_host": states if paged else 0,
             "n_params": shape.num_params(), "n_trainable": sum(p.numel for p, _ in trainable),
-            "frozen_model": 4 * second.num_params() if (second := frozen_model_shape(run.cfg, shape)) else 0}
+            "frozen_model": sum(4 * other.num_params() for other in frozen_model_shapes(run.cfg, shape))}
 
 
 # --- activations: what autograd saves for backward ------------------------------------------------------

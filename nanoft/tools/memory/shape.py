@@ -56,20 +56,24 @@ class ModelShape:
         return sum(p.numel for p in param_specs(self))
 
 
-def frozen_model_shape(cfg: Config, shape: ModelShape) -> ModelShape | None:
-    """The second, frozen model a run keeps beside the one it trains (float32 weights, used under no_grad): DPO
-    with full weights keeps its starting model as the reference (with LoRA the reference is the same model with
-    its adapters off: none); distillation keeps its teacher, in the shape its checkpoint's ckpt.json records."""
-    frozen = method_of(cfg).objective.frozen_model
-    if frozen == "reference":
-        return None if cfg.lora_kind else shape
-    if frozen != "teacher":
-        return None
-    meta = Path(cfg.teacher_from) / "ckpt.json"
-    if not meta.is_file():
-        raise ValueError(f"teacher_from={cfg.teacher_from!r} holds no checkpoint to read the teacher's shape from")
-    teacher = Config.from_dict(json.loads(meta.read_text())["config"])
-    return ModelShape.from_config(dataclasses.replace(teacher, block_size=cfg.block_size))  # the student's context
+def frozen_model_shapes(cfg: Config, shape: ModelShape) -> list[ModelShape]:
+    """The frozen models a run keeps beside the one it trains (float32 weights, used under no_grad): DPO, PPO and
+    GRPO with full weights keep their starting model as the reference (with LoRA the reference is the same model
+    with its adapters off: none); distillation keeps its teacher, PPO and GRPO their reward model, each in the shape
+    its checkpoint's ckpt.json records."""
+    shapes = []
+    for frozen in method_of(cfg).objective.frozen_models:
+        if frozen == "reference":
+            shapes += [] if cfg.lora_kind else [shape]
+            continue
+        source = cfg.teacher_from if frozen == "teacher" else cfg.reward_from
+        meta = Path(source) / "ckpt.json"
+        if not meta.is_file():
+            raise ValueError(f"{frozen}_from={source!r} holds no checkpoint to read the {frozen} model's shape from")
+        saved = Config.from_dict(json.loads(meta.read_text())["config"])
+        block_size = cfg.block_size if frozen == "teacher" else saved.block_size  # a teacher reads the student's context
+        shapes.append(ModelShape.from_config(dataclasses.replace(saved, block_size=block_size)))
+    return shapes
 
 
 # Presets: published dimensions. LLaMA-2 7B (hidden 4096, 32 layers, SwiGLU 11008, 32 heads, vocab 32000) has
