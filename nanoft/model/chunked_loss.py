@@ -125,6 +125,7 @@ def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
     grad_weight = None
     c_kernel = on_cpu_kernel(hidden.device.type, dtype)
+    grad = want_hidden or want_weight
     # one buffer for every chunk's logits, and one for its share of dL/dW: a fresh one per chunk would cost a
     # CPU its page faults again each time (~30% of the logits' matmul at V = 50304)
     logits = torch.empty(min(rows, hidden.size(0)), weight.size(0), dtype=dtype, device=hidden.device)
@@ -134,7 +135,6 @@ def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype
         z = torch.mm(h, w.T, out=logits[: h.size(0)])  # (rows, V): this chunk's logits
         y = y.clamp(min=0)  # ignored rows point at token 0; their weight 0 zeroes their terms
         scale = keep * inv_n  # dL/dz's factor per row: 1/n, and 0 for ignored rows
-        grad = want_hidden or want_weight
         if c_kernel:  # the C kernel: dL/dz overwrites z, in the matmul dtype
             row_loss, dz = cross_entropy_cpu.rows_cpu(z, y, scale, grad), z
         else:  # the same formula in PyTorch ops (kernels/cross_entropy_cpu.py): float32, then the matmul dtype
